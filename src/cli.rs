@@ -1,0 +1,148 @@
+//! The command line: one binary, four commands, as the contract names them.
+//!
+//! Flags of `run` are all optional here so that [`crate::config`] can tell a
+//! flag the user gave from a default, and let flags win over the TOML file.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::spec::{Provider, Resolution};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "infinitetalk-batch",
+    version,
+    about = "Turns folders of CSV manifests into talking-head videos through the APIXO InfiniteTalk API"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon in the foreground, logging to stderr.
+    Run(Box<RunArgs>),
+    /// Check a manifest exactly as the daemon would; submits nothing.
+    Validate(ValidateArgs),
+    /// Show per-batch progress, from the running daemon or the state folder.
+    Status(StatusArgs),
+    /// Run the built-in simulator of the API alone.
+    Simulate(SimulateArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 250ms, 15s, 2m)"))
+}
+
+fn parse_resolution(s: &str) -> Result<Resolution, String> {
+    s.parse()
+}
+
+fn parse_provider(s: &str) -> Result<Provider, String> {
+    s.parse()
+}
+
+#[derive(Debug, Default, Args)]
+pub struct RunArgs {
+    /// TOML file with any of the settings below (flags win over it).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Watched folder for manifests [default: ./inbox].
+    #[arg(long, value_name = "DIR")]
+    pub inbox: Option<PathBuf>,
+    /// Where results land [default: ./outbox].
+    #[arg(long, value_name = "DIR")]
+    pub outbox: Option<PathBuf>,
+    /// The state database [default: ./state].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// API root [default: env APIXO_API_BASE, else https://api.apixo.ai].
+    #[arg(long, value_name = "URL")]
+    pub api_base: Option<String>,
+    /// File holding the API key [default: env APIXO_API_KEY].
+    #[arg(long, value_name = "FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Tasks submitted and not yet seen finished [default: 1000].
+    #[arg(long, value_name = "N")]
+    pub max_concurrent: Option<u32>,
+    /// API requests (submits + polls) in any sliding 60 s window [default: 10000].
+    #[arg(long, value_name = "N")]
+    pub max_requests_per_minute: Option<u32>,
+    /// Shortest interval between two status polls of one task [default: 2s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub poll_min: Option<Duration>,
+    /// Longest interval between two status polls of one task [default: 5m].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub poll_max: Option<Duration>,
+    /// HTTP listener for /status, /metrics and callbacks [default: 127.0.0.1:8686].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Public URL of this daemon's listener root; enables callback mode.
+    #[arg(long, value_name = "URL")]
+    pub callback_url: Option<String>,
+    /// Resolution for rows that leave it blank [default: 480p].
+    #[arg(long, value_name = "480p|720p", value_parser = parse_resolution)]
+    pub resolution: Option<Resolution>,
+    /// Provider for rows that leave it blank [default: auto].
+    #[arg(long, value_name = "auto|value|official", value_parser = parse_provider)]
+    pub provider: Option<Provider>,
+    /// Prompt for rows that leave it blank [default: empty].
+    #[arg(long, value_name = "TEXT")]
+    pub prompt: Option<String>,
+    /// Limit of one API request [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub api_timeout: Option<Duration>,
+    /// A graceful stop finishes within this [default: 20s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub stop_timeout: Option<Duration>,
+    /// Run against the built-in simulator in-process; no key needed.
+    #[arg(long)]
+    pub simulate: bool,
+    /// Log format on stderr [default: text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Args)]
+pub struct ValidateArgs {
+    /// The manifest to check.
+    pub file: PathBuf,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Address of the daemon's listener [default: 127.0.0.1:8686, or the config's].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// State folder to read when no daemon answers [default: ./state, or the config's].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// TOML config file of the daemon, for its listen address and state folder.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Address to serve the simulated API on.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:8687")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub sim: crate::simulator::SimArgs,
+}

@@ -1,0 +1,382 @@
+//! Settings of `run`: flags merged over the TOML file merged over defaults,
+//! in this one place.
+//!
+//! Unknown TOML keys and bad values are refused with the key's name. The API
+//! key is read here and kept out of `Debug` output.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::cli::{LogFormat, RunArgs};
+use crate::spec::{Provider, Resolution, RowDefaults};
+
+pub const DEFAULT_API_BASE: &str = "https://api.apixo.ai";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8686";
+/// Name of the systemd credential (`LoadCredential=`) holding the key.
+pub const CREDENTIAL_NAME: &str = "apixo-api-key";
+
+/// Why the settings cannot be used. Each names the setting at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("setting {key}: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("cannot read the API key file {path}: {source}")]
+    KeyFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no API key: give one with --api-key-file FILE (or the APIXO_API_KEY environment \
+         variable, or a systemd credential named {CREDENTIAL_NAME}), or run against the \
+         built-in simulator with --simulate"
+    )]
+    NoKey,
+}
+
+/// The settings as they may appear in the TOML file. Keys are the flag names,
+/// with `-` or `_`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FileSettings {
+    pub inbox: Option<PathBuf>,
+    pub outbox: Option<PathBuf>,
+    pub state: Option<PathBuf>,
+    #[serde(alias = "api_base")]
+    pub api_base: Option<String>,
+    #[serde(alias = "api_key_file")]
+    pub api_key_file: Option<PathBuf>,
+    #[serde(alias = "max_concurrent")]
+    pub max_concurrent: Option<u32>,
+    #[serde(alias = "max_requests_per_minute")]
+    pub max_requests_per_minute: Option<u32>,
+    #[serde(default, alias = "poll_min", with = "humantime_serde")]
+    pub poll_min: Option<Duration>,
+    #[serde(default, alias = "poll_max", with = "humantime_serde")]
+    pub poll_max: Option<Duration>,
+    pub listen: Option<SocketAddr>,
+    #[serde(alias = "callback_url")]
+    pub callback_url: Option<String>,
+    pub resolution: Option<Resolution>,
+    pub provider: Option<Provider>,
+    pub prompt: Option<String>,
+    #[serde(default, alias = "api_timeout", with = "humantime_serde")]
+    pub api_timeout: Option<Duration>,
+    #[serde(default, alias = "stop_timeout", with = "humantime_serde")]
+    pub stop_timeout: Option<Duration>,
+    pub simulate: Option<bool>,
+    #[serde(alias = "log_format")]
+    pub log_format: Option<LogFormat>,
+    /// Fail codes that blame the service, not the row: resubmitted.
+    #[serde(alias = "retry_fail_codes")]
+    pub retry_fail_codes: Option<Vec<String>>,
+    /// How many times one row is resubmitted for such codes.
+    #[serde(alias = "max_resubmits")]
+    pub max_resubmits: Option<u32>,
+    /// How long after a task finished its download is retried before the row fails.
+    #[serde(default, alias = "download_give_up", with = "humantime_serde")]
+    pub download_give_up: Option<Duration>,
+    /// Downloads running at once.
+    #[serde(alias = "max_downloads")]
+    pub max_downloads: Option<u32>,
+}
+
+impl FileSettings {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim().replace('\n', " "),
+        })
+    }
+}
+
+/// The API key. Its `Debug` and `Display` never show it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKey(String);
+
+impl ApiKey {
+    pub fn new(key: impl Into<String>) -> Self {
+        ApiKey(key.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("ApiKey(<redacted>)")
+    }
+}
+
+/// Everything `run` needs, resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub inbox: PathBuf,
+    pub outbox: PathBuf,
+    pub state: PathBuf,
+    pub api_base: String,
+    /// `None` only with `simulate`.
+    pub api_key: Option<ApiKey>,
+    pub max_concurrent: u32,
+    pub max_requests_per_minute: u32,
+    pub poll_min: Duration,
+    pub poll_max: Duration,
+    pub listen: SocketAddr,
+    pub callback_url: Option<url::Url>,
+    pub defaults: RowDefaults,
+    pub api_timeout: Duration,
+    pub stop_timeout: Duration,
+    pub simulate: bool,
+    pub log_format: LogFormat,
+    pub retry_fail_codes: Vec<String>,
+    pub max_resubmits: u32,
+    pub download_give_up: Duration,
+    pub max_downloads: u32,
+}
+
+/// Where the key comes from when no flag or file names it.
+#[derive(Debug, Clone, Default)]
+pub struct Environment {
+    pub api_base: Option<String>,
+    pub api_key: Option<String>,
+    pub credentials_directory: Option<PathBuf>,
+}
+
+impl Environment {
+    pub fn from_process() -> Self {
+        Environment {
+            api_base: std::env::var("APIXO_API_BASE").ok().filter(|s| !s.is_empty()),
+            api_key: std::env::var("APIXO_API_KEY").ok().filter(|s| !s.is_empty()),
+            credentials_directory: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
+        }
+    }
+}
+
+impl Settings {
+    /// Merges flags over the config file over defaults and reads the key.
+    pub fn resolve(args: &RunArgs, env: &Environment) -> Result<Settings, ConfigError> {
+        let file = match &args.config {
+            Some(path) => FileSettings::load(path)?,
+            None => FileSettings::default(),
+        };
+        Self::merge(args, file, env)
+    }
+
+    fn merge(args: &RunArgs, file: FileSettings, env: &Environment) -> Result<Settings, ConfigError> {
+        let simulate = args.simulate || file.simulate.unwrap_or(false);
+        let api_base = args
+            .api_base
+            .clone()
+            .or(file.api_base)
+            .or_else(|| env.api_base.clone())
+            .unwrap_or_else(|| DEFAULT_API_BASE.to_owned());
+        let api_base = api_base.trim_end_matches('/').to_owned();
+        url::Url::parse(&api_base).map_err(|e| ConfigError::Invalid {
+            key: "api-base",
+            message: format!("{api_base:?} is not a URL: {e}"),
+        })?;
+
+        let key_file = args.api_key_file.clone().or(file.api_key_file);
+        let api_key = read_key(key_file.as_deref(), env)?;
+        if api_key.is_none() && !simulate {
+            return Err(ConfigError::NoKey);
+        }
+
+        let max_concurrent = args.max_concurrent.or(file.max_concurrent).unwrap_or(1000);
+        positive("max-concurrent", max_concurrent)?;
+        let max_requests_per_minute = args
+            .max_requests_per_minute
+            .or(file.max_requests_per_minute)
+            .unwrap_or(10_000);
+        if max_requests_per_minute < 2 {
+            return Err(ConfigError::Invalid {
+                key: "max-requests-per-minute",
+                message: "must be at least 2 (a task needs a submit and a poll)".into(),
+            });
+        }
+        let poll_min = args.poll_min.or(file.poll_min).unwrap_or(Duration::from_secs(2));
+        let poll_max = args.poll_max.or(file.poll_max).unwrap_or(Duration::from_secs(300));
+        if poll_min.is_zero() {
+            return Err(ConfigError::Invalid {
+                key: "poll-min",
+                message: "must be more than zero".into(),
+            });
+        }
+        if poll_max < poll_min {
+            return Err(ConfigError::Invalid {
+                key: "poll-max",
+                message: format!(
+                    "{} is shorter than poll-min {}",
+                    humantime::format_duration(poll_max),
+                    humantime::format_duration(poll_min)
+                ),
+            });
+        }
+        let listen = match args.listen.or(file.listen) {
+            Some(addr) => addr,
+            None => default_listen(),
+        };
+        let callback_url = match args.callback_url.clone().or(file.callback_url) {
+            Some(raw) => {
+                let url = url::Url::parse(&raw).map_err(|e| ConfigError::Invalid {
+                    key: "callback-url",
+                    message: format!("{raw:?} is not a URL: {e}"),
+                })?;
+                if !matches!(url.scheme(), "http" | "https") {
+                    return Err(ConfigError::Invalid {
+                        key: "callback-url",
+                        message: "must be an http or https URL".into(),
+                    });
+                }
+                Some(url)
+            }
+            None => None,
+        };
+        let defaults = RowDefaults {
+            resolution: args.resolution.or(file.resolution).unwrap_or(Resolution::P480),
+            provider: args.provider.or(file.provider).unwrap_or(Provider::Auto),
+            prompt: args.prompt.clone().or(file.prompt).unwrap_or_default(),
+        };
+        let api_timeout = args.api_timeout.or(file.api_timeout).unwrap_or(Duration::from_secs(30));
+        nonzero("api-timeout", api_timeout)?;
+        let stop_timeout = args.stop_timeout.or(file.stop_timeout).unwrap_or(Duration::from_secs(20));
+        let max_downloads = file.max_downloads.unwrap_or(8);
+        positive("max-downloads", max_downloads)?;
+        Ok(Settings {
+            inbox: args.inbox.clone().or(file.inbox).unwrap_or_else(|| "inbox".into()),
+            outbox: args.outbox.clone().or(file.outbox).unwrap_or_else(|| "outbox".into()),
+            state: args.state.clone().or(file.state).unwrap_or_else(|| "state".into()),
+            api_base,
+            api_key,
+            max_concurrent,
+            max_requests_per_minute,
+            poll_min,
+            poll_max,
+            listen,
+            callback_url,
+            defaults,
+            api_timeout,
+            stop_timeout,
+            simulate,
+            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            retry_fail_codes: file.retry_fail_codes.unwrap_or_else(|| {
+                ["PROCESSING_TIMEOUT", "MODEL_UNAVAILABLE", "INSUFFICIENT_CREDITS"]
+                    .map(String::from)
+                    .to_vec()
+            }),
+            max_resubmits: file.max_resubmits.unwrap_or(2),
+            download_give_up: file
+                .download_give_up
+                .unwrap_or(Duration::from_secs(15 * 24 * 3600)),
+            max_downloads,
+        })
+    }
+}
+
+pub fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8686)))
+}
+
+fn positive(key: &'static str, value: u32) -> Result<(), ConfigError> {
+    if value == 0 {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "must be at least 1".into(),
+        });
+    }
+    Ok(())
+}
+
+fn nonzero(key: &'static str, value: Duration) -> Result<(), ConfigError> {
+    if value.is_zero() {
+        return Err(ConfigError::Invalid {
+            key,
+            message: "must be more than zero".into(),
+        });
+    }
+    Ok(())
+}
+
+fn read_key(file: Option<&Path>, env: &Environment) -> Result<Option<ApiKey>, ConfigError> {
+    let from_file = |path: &Path| -> Result<Option<ApiKey>, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile {
+            path: path.to_owned(),
+            source,
+        })?;
+        let key = text.trim();
+        Ok((!key.is_empty()).then(|| ApiKey::new(key)))
+    };
+    if let Some(path) = file {
+        return from_file(path);
+    }
+    if let Some(key) = &env.api_key {
+        return Ok(Some(ApiKey::new(key.trim())));
+    }
+    if let Some(dir) = &env.credentials_directory {
+        let path = dir.join(CREDENTIAL_NAME);
+        if path.exists() {
+            return from_file(&path);
+        }
+    }
+    Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args() -> RunArgs {
+        RunArgs::default()
+    }
+
+    #[test]
+    fn refuses_to_start_without_key_or_simulate() {
+        let err = Settings::merge(&args(), FileSettings::default(), &Environment::default())
+            .expect_err("no key must be refused");
+        let text = err.to_string();
+        assert!(text.contains("--api-key-file") && text.contains("--simulate"), "{text}");
+    }
+
+    #[test]
+    fn flags_win_over_file() {
+        let mut a = args();
+        a.simulate = true;
+        a.max_concurrent = Some(7);
+        let file: FileSettings =
+            toml::from_str("max-concurrent = 20\nmax_requests_per_minute = 600\npoll-min = \"250ms\"")
+                .expect("valid toml");
+        let s = Settings::merge(&a, file, &Environment::default()).expect("valid");
+        assert_eq!(s.max_concurrent, 7);
+        assert_eq!(s.max_requests_per_minute, 600);
+        assert_eq!(s.poll_min, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = toml::from_str::<FileSettings>("max-concurent = 3").expect_err("unknown key");
+        assert!(err.to_string().contains("max-concurent"), "{err}");
+    }
+
+    #[test]
+    fn key_debug_is_redacted() {
+        let key = ApiKey::new("sk-secret");
+        assert!(!format!("{key:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,262 @@
+//! One manifest file into one batch, or into `INBOX/rejected/`.
+//!
+//! The order makes a crash at any instant safe: the batch is recorded as
+//! `Ingesting` and flushed; the manifest is copied whole into
+//! `OUTBOX/BATCH/manifest.csv` (temp file, fsync, rename) and its bytes are
+//! checked against what was validated; the batch becomes `Active` and is
+//! flushed; only then does the file leave the inbox. [`recover`] finishes or
+//! undoes whatever a crash interrupted, and a file still in the inbox is
+//! simply ingested again.
+
+use std::fs;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use crate::fsutil;
+use crate::manifest::{self, ManifestError, Problem};
+use crate::store::{Begin, BatchPhase, BatchRecord, Store, StoreError};
+
+/// Name of the folder under the inbox that holds rejected manifests.
+pub const REJECTED_DIR: &str = "rejected";
+/// Name of the accepted manifest inside a batch folder.
+pub const MANIFEST_NAME: &str = "manifest.csv";
+
+/// The folders ingest works between.
+#[derive(Debug, Clone)]
+pub struct Folders {
+    pub inbox: PathBuf,
+    pub outbox: PathBuf,
+}
+
+impl Folders {
+    pub fn batch_dir(&self, batch: &str) -> PathBuf {
+        self.outbox.join(batch)
+    }
+
+    pub fn manifest_of(&self, batch: &str) -> PathBuf {
+        self.batch_dir(batch).join(MANIFEST_NAME)
+    }
+
+    pub fn rejected_dir(&self) -> PathBuf {
+        self.inbox.join(REJECTED_DIR)
+    }
+}
+
+/// What became of one file.
+#[derive(Debug)]
+pub enum Outcome {
+    Accepted(BatchRecord),
+    /// Moved to `rejected/` with its errors file.
+    Rejected { problems: Vec<Problem> },
+    /// The file changed or vanished while being read; try again later.
+    Unsettled,
+}
+
+/// Why a file could not be ingested now. The file stays where it is.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> IngestError + '_ {
+    move |source| IngestError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Ingests the manifest at `file` (a `*.csv` directly in the inbox).
+pub fn ingest_file(
+    store: &Store,
+    folders: &Folders,
+    file: &Path,
+    simulated: bool,
+) -> Result<Outcome, IngestError> {
+    let summary = match manifest::validate_path(file) {
+        Ok(summary) => summary,
+        Err(ManifestError::Invalid { problems, .. }) => {
+            reject(folders, file, &problems)?;
+            return Ok(Outcome::Rejected { problems });
+        }
+        Err(ManifestError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(Outcome::Unsettled);
+        }
+        Err(ManifestError::Io { path, source }) => return Err(IngestError::Io { path, source }),
+    };
+    let stem = file
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "batch".into());
+    let name_free = |name: &str| !folders.batch_dir(name).exists();
+    let batch = match store.begin_batch(&stem, &summary.sha256, summary.rows, file, &name_free)? {
+        Begin::Started(batch) => batch,
+        Begin::Duplicate { earlier } => {
+            let problems = vec![Problem {
+                line: 1,
+                column: "-".into(),
+                message: format!(
+                    "identical to a manifest already accepted as batch {earlier:?}; \
+                     nothing from this file is submitted (change it to submit it again)"
+                ),
+            }];
+            reject(folders, file, &problems)?;
+            return Ok(Outcome::Rejected { problems });
+        }
+    };
+    store.flush_blocking()?;
+
+    let dir = folders.batch_dir(&batch.name);
+    let dest = folders.manifest_of(&batch.name);
+    let copied = fs::create_dir_all(&dir)
+        .and_then(|()| copy_hashed(file, &dest))
+        .map_err(io_at(file));
+    match copied {
+        Ok(sha) if sha == summary.sha256 => {}
+        Ok(_) => {
+            // Changed between validation and copy: still being written.
+            undo(store, &batch, &dest)?;
+            return Ok(Outcome::Unsettled);
+        }
+        Err(e) => {
+            undo(store, &batch, &dest)?;
+            return Err(e);
+        }
+    }
+    let batch = store.activate_batch(batch.seq, simulated)?;
+    store.flush_blocking()?;
+    remove_source(store, &batch)?;
+    Ok(Outcome::Accepted(batch))
+}
+
+fn undo(store: &Store, batch: &BatchRecord, dest: &Path) -> Result<(), IngestError> {
+    let _ = fs::remove_file(dest);
+    if let Some(dir) = dest.parent() {
+        let _ = fs::remove_dir(dir);
+    }
+    store.abandon_batch(batch.seq)?;
+    store.flush_blocking()?;
+    Ok(())
+}
+
+/// Removes an accepted batch's inbox file, if it still holds the same bytes.
+fn remove_source(store: &Store, batch: &BatchRecord) -> Result<(), IngestError> {
+    match sha256_of(&batch.source) {
+        Ok(sha) if sha == batch.sha256 => {
+            fs::remove_file(&batch.source).map_err(io_at(&batch.source))?;
+            if let Some(dir) = batch.source.parent() {
+                let _ = fsutil::sync_dir(dir);
+            }
+        }
+        Ok(_) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_at(&batch.source)(e)),
+    }
+    store.mark_source_removed(batch.seq)?;
+    Ok(())
+}
+
+/// Finishes or undoes ingests a crash interrupted. Run once at start-up,
+/// before the inbox is scanned.
+pub fn recover(store: &Store, folders: &Folders) -> Result<Vec<BatchRecord>, IngestError> {
+    let mut accepted = Vec::new();
+    for batch in store.batches()? {
+        match batch.phase {
+            BatchPhase::Ingesting => {
+                let dest = folders.manifest_of(&batch.name);
+                match sha256_of(&dest) {
+                    Ok(sha) if sha == batch.sha256 => {
+                        let batch = store.activate_batch(batch.seq, batch.simulated)?;
+                        store.flush_blocking()?;
+                        remove_source(store, &batch)?;
+                        tracing::info!(batch = %batch.name, "finished an ingest interrupted by a stop");
+                        accepted.push(batch);
+                    }
+                    _ => {
+                        tracing::info!(batch = %batch.name, "undid an ingest interrupted by a stop; the file will be taken again");
+                        undo(store, &batch, &dest)?;
+                    }
+                }
+            }
+            BatchPhase::Active | BatchPhase::Finished if !batch.source_removed => {
+                remove_source(store, &batch)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(accepted)
+}
+
+/// Moves `file` to `rejected/NAME.csv` after writing `rejected/NAME.errors.txt`.
+pub fn reject(folders: &Folders, file: &Path, problems: &[Problem]) -> Result<(), IngestError> {
+    let dir = folders.rejected_dir();
+    fs::create_dir_all(&dir).map_err(io_at(&dir))?;
+    let name = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "manifest.csv".into());
+    let stem = file
+        .file_stem()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "manifest".into());
+    let errors_path = dir.join(format!("{stem}.errors.txt"));
+    let mut text = String::new();
+    for p in problems {
+        text.push_str(&p.to_string());
+        text.push('\n');
+    }
+    fsutil::write_atomic(&errors_path, text.as_bytes()).map_err(io_at(&errors_path))?;
+    let dest = dir.join(name);
+    fsutil::move_file(file, &dest).map_err(io_at(file))?;
+    tracing::warn!(file = %file.display(), problems = problems.len(), "manifest rejected; see {}", errors_path.display());
+    Ok(())
+}
+
+fn sha256_of(path: &Path) -> io::Result<String> {
+    let mut f = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Copies `from` to `to` atomically, returning the SHA-256 of what was copied.
+fn copy_hashed(from: &Path, to: &Path) -> io::Result<String> {
+    let mut src = fs::File::open(from)?;
+    let mut hasher = Sha256::new();
+    fsutil::write_atomic_with(to, |w| {
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = src.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            hasher.update(&buf[..n]);
+            io::Write::write_all(w, &buf[..n])?;
+        }
+    })?;
+    Ok(hex(&hasher.finalize()))
+}
+
+/// Lower-case hex of `bytes`.
+pub fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}

@@ -1,0 +1,323 @@
+//! The durable state: batches, the rows that have left the queue, and the
+//! request ledger. The store is the bus: a row changes state only through
+//! the methods here.
+//!
+//! Queued rows are not copied into the store. An accepted manifest is an
+//! immutable file (`OUTBOX/BATCH/manifest.csv`), so a batch keeps a cursor
+//! into it; a row gets a record only when it is claimed for submission (or
+//! queued again after a claim). The store therefore stays small at a million
+//! queued rows.
+//!
+//! Every method that precedes an outside effect is followed by a
+//! [`Store::flush`] from the caller before the effect (write-ahead).
+//!
+//! Only `store/sled.rs` knows the database engine.
+
+mod sled;
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::ReadPosition;
+use crate::spec::RowSpec;
+
+pub use self::sled::Store;
+
+/// Version of the on-disk layout this build reads and writes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Batches are numbered in order of acceptance.
+pub type BatchSeq = u64;
+
+/// One row of one batch: the batch's number and the row's 1-based index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct RowKey {
+    pub batch: BatchSeq,
+    pub row: u64,
+}
+
+impl std::fmt::Display for RowKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}#{}", self.batch, self.row)
+    }
+}
+
+/// Where a row is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RowState {
+    /// Waiting to be submitted (again: rows never claimed have no record).
+    Queued,
+    /// A submit request may be on the wire: the write-ahead mark.
+    Submitting,
+    /// The API gave a task id; the task has not been seen finished.
+    Running,
+    /// The task succeeded; its videos are being fetched.
+    Downloading,
+    Done,
+    Failed,
+}
+
+impl RowState {
+    pub const ALL: [RowState; 6] = [
+        RowState::Queued,
+        RowState::Submitting,
+        RowState::Running,
+        RowState::Downloading,
+        RowState::Done,
+        RowState::Failed,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RowState::Queued => "queued",
+            RowState::Submitting => "submitting",
+            RowState::Running => "running",
+            RowState::Downloading => "downloading",
+            RowState::Done => "done",
+            RowState::Failed => "failed",
+        }
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, RowState::Done | RowState::Failed)
+    }
+
+    fn tag(self) -> u8 {
+        match self {
+            RowState::Queued => 0,
+            RowState::Submitting => 1,
+            RowState::Running => 2,
+            RowState::Downloading => 3,
+            RowState::Done => 4,
+            RowState::Failed => 5,
+        }
+    }
+}
+
+/// Everything known about a row that has left the queue at least once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RowRecord {
+    pub id: String,
+    pub line: u64,
+    pub spec: RowSpec,
+    pub state: RowState,
+    /// The current (or last) task of the row.
+    #[serde(default)]
+    pub task_id: Option<String>,
+    /// Earlier tasks of the row, oldest first (service-side failures, retries).
+    #[serde(default)]
+    pub previous_tasks: Vec<String>,
+    /// Resubmissions after a service-side failure code.
+    #[serde(default)]
+    pub resubmits: u32,
+    /// Unix milliseconds of the current task's submission.
+    #[serde(default)]
+    pub submitted_at_ms: Option<u64>,
+    /// Unix milliseconds when the task was seen finished.
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// Processing time the API reported, in milliseconds.
+    #[serde(default)]
+    pub cost_time_ms: Option<u64>,
+    #[serde(default)]
+    pub result_urls: Vec<String>,
+    /// Output files, relative to the batch folder.
+    #[serde(default)]
+    pub outputs: Vec<String>,
+    #[serde(default)]
+    pub fail_code: Option<String>,
+    #[serde(default)]
+    pub fail_msg: Option<String>,
+    #[serde(default)]
+    pub audio_seconds: Option<f64>,
+    #[serde(default)]
+    pub cost_usd: Option<f64>,
+}
+
+impl RowRecord {
+    pub fn new(id: String, line: u64, spec: RowSpec) -> Self {
+        RowRecord {
+            id,
+            line,
+            spec,
+            state: RowState::Queued,
+            task_id: None,
+            previous_tasks: Vec::new(),
+            resubmits: 0,
+            submitted_at_ms: None,
+            finished_at_ms: None,
+            cost_time_ms: None,
+            result_urls: Vec::new(),
+            outputs: Vec::new(),
+            fail_code: None,
+            fail_msg: None,
+            audio_seconds: None,
+            cost_usd: None,
+        }
+    }
+}
+
+/// How far a batch has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BatchPhase {
+    /// Its manifest is being moved to the outbox; not yet accepted.
+    Ingesting,
+    /// Accepted: rows are queued or in flight.
+    Active,
+    /// Every row ended and `results.csv` was written.
+    Finished,
+}
+
+/// Rows of a batch by state. Rows never claimed are counted by the cursor,
+/// not here.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub queued: u64,
+    pub submitting: u64,
+    pub running: u64,
+    pub downloading: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
+impl Counts {
+    fn slot(&mut self, state: RowState) -> &mut u64 {
+        match state {
+            RowState::Queued => &mut self.queued,
+            RowState::Submitting => &mut self.submitting,
+            RowState::Running => &mut self.running,
+            RowState::Downloading => &mut self.downloading,
+            RowState::Done => &mut self.done,
+            RowState::Failed => &mut self.failed,
+        }
+    }
+
+    pub fn get(&self, state: RowState) -> u64 {
+        let mut c = *self;
+        *c.slot(state)
+    }
+
+    fn moved(&mut self, from: Option<RowState>, to: RowState) {
+        if let Some(from) = from {
+            let slot = self.slot(from);
+            *slot = slot.saturating_sub(1);
+        }
+        *self.slot(to) += 1;
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchRecord {
+    pub seq: BatchSeq,
+    /// Folder name under the outbox; unique.
+    pub name: String,
+    pub sha256: String,
+    /// The inbox file it came from.
+    pub source: PathBuf,
+    /// Whether the inbox file is known to be gone.
+    #[serde(default)]
+    pub source_removed: bool,
+    pub phase: BatchPhase,
+    pub total_rows: u64,
+    /// Next row of the manifest never claimed yet.
+    pub cursor: Option<ReadPosition>,
+    pub counts: Counts,
+    pub created_at_ms: u64,
+    #[serde(default)]
+    pub finished_at_ms: Option<u64>,
+    /// Submitted against the built-in simulator: outputs are not real.
+    #[serde(default)]
+    pub simulated: bool,
+}
+
+impl BatchRecord {
+    /// Rows never claimed, by the cursor.
+    pub fn unclaimed(&self) -> u64 {
+        self.total_rows
+            .saturating_sub(self.cursor.map_or(0, |c| c.rows_read))
+    }
+
+    /// Rows waiting for submission.
+    pub fn queued(&self) -> u64 {
+        self.unclaimed() + self.counts.queued
+    }
+
+    /// True when every row has ended.
+    pub fn all_rows_ended(&self) -> bool {
+        self.counts.done + self.counts.failed >= self.total_rows
+    }
+}
+
+/// A row claimed for submission.
+#[derive(Debug, Clone)]
+pub enum Claim {
+    /// The next unclaimed row of a batch, read from its manifest.
+    Fresh {
+        batch: BatchSeq,
+        row: crate::manifest::ManifestRow,
+        next: ReadPosition,
+    },
+    /// A row queued again.
+    Again(RowKey),
+}
+
+/// What `begin_batch` decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Begin {
+    Started(BatchRecord),
+    /// The same bytes were accepted before, as this batch.
+    Duplicate { earlier: String },
+}
+
+/// Requests sent in one second, for the sliding-window budget across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LedgerEntry {
+    pub unix_second: u64,
+    pub requests: u32,
+}
+
+/// Why the store could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be opened (often: another process has it).
+    #[error("cannot open the state database in {path}: {source} (is another infinitetalk-batch running on it?)")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state folder was written by another version of the layout.
+    #[error("the state folder {path} holds layout version {found}; this build reads version {supported} only. Use the build that wrote it, or point --state at a new folder")]
+    Version {
+        path: PathBuf,
+        found: String,
+        supported: u32,
+    },
+    /// A read or write of the database failed.
+    #[error("state database: {0}")]
+    Db(String),
+    /// A stored value could not be decoded (corruption or a foreign writer).
+    #[error("state database holds an unreadable {what}: {message}")]
+    Corrupt { what: &'static str, message: String },
+    /// The row is not in a state that allows the transition.
+    #[error("row {key} is {found}, cannot {action}")]
+    WrongState {
+        key: RowKey,
+        found: &'static str,
+        action: &'static str,
+    },
+    #[error("no batch number {0}")]
+    NoBatch(BatchSeq),
+    #[error("no record for row {0}")]
+    NoRow(RowKey),
+}
+
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
