@@ -111,6 +111,9 @@ pub struct RunArgs {
     /// Run against the built-in simulator in-process; no key needed.
     #[arg(long)]
     pub simulate: bool,
+    /// While submission is paused (credits, 401), how often one row is tried [default: 30s].
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub pause_probe: Option<Duration>,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,

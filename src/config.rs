@@ -91,6 +91,9 @@ pub struct FileSettings {
     /// Downloads running at once.
     #[serde(alias = "max_downloads")]
     pub max_downloads: Option<u32>,
+    /// While paused (credits, 401), how often one row is tried.
+    #[serde(default, alias = "pause_probe", with = "humantime_serde")]
+    pub pause_probe: Option<Duration>,
 }
 
 impl FileSettings {
@@ -149,6 +152,7 @@ pub struct Settings {
     pub max_resubmits: u32,
     pub download_give_up: Duration,
     pub max_downloads: u32,
+    pub pause_probe: Duration,
 }
 
 /// Where the key comes from when no flag or file names it.
@@ -162,8 +166,12 @@ pub struct Environment {
 impl Environment {
     pub fn from_process() -> Self {
         Environment {
-            api_base: std::env::var("APIXO_API_BASE").ok().filter(|s| !s.is_empty()),
-            api_key: std::env::var("APIXO_API_KEY").ok().filter(|s| !s.is_empty()),
+            api_base: std::env::var("APIXO_API_BASE")
+                .ok()
+                .filter(|s| !s.is_empty()),
+            api_key: std::env::var("APIXO_API_KEY")
+                .ok()
+                .filter(|s| !s.is_empty()),
             credentials_directory: std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from),
         }
     }
@@ -179,7 +187,11 @@ impl Settings {
         Self::merge(args, file, env)
     }
 
-    fn merge(args: &RunArgs, file: FileSettings, env: &Environment) -> Result<Settings, ConfigError> {
+    fn merge(
+        args: &RunArgs,
+        file: FileSettings,
+        env: &Environment,
+    ) -> Result<Settings, ConfigError> {
         let simulate = args.simulate || file.simulate.unwrap_or(false);
         let api_base = args
             .api_base
@@ -211,8 +223,14 @@ impl Settings {
                 message: "must be at least 2 (a task needs a submit and a poll)".into(),
             });
         }
-        let poll_min = args.poll_min.or(file.poll_min).unwrap_or(Duration::from_secs(2));
-        let poll_max = args.poll_max.or(file.poll_max).unwrap_or(Duration::from_secs(300));
+        let poll_min = args
+            .poll_min
+            .or(file.poll_min)
+            .unwrap_or(Duration::from_secs(2));
+        let poll_max = args
+            .poll_max
+            .or(file.poll_max)
+            .unwrap_or(Duration::from_secs(300));
         if poll_min.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "poll-min",
@@ -250,19 +268,40 @@ impl Settings {
             None => None,
         };
         let defaults = RowDefaults {
-            resolution: args.resolution.or(file.resolution).unwrap_or(Resolution::P480),
+            resolution: args
+                .resolution
+                .or(file.resolution)
+                .unwrap_or(Resolution::P480),
             provider: args.provider.or(file.provider).unwrap_or(Provider::Auto),
             prompt: args.prompt.clone().or(file.prompt).unwrap_or_default(),
         };
-        let api_timeout = args.api_timeout.or(file.api_timeout).unwrap_or(Duration::from_secs(30));
+        let api_timeout = args
+            .api_timeout
+            .or(file.api_timeout)
+            .unwrap_or(Duration::from_secs(30));
         nonzero("api-timeout", api_timeout)?;
-        let stop_timeout = args.stop_timeout.or(file.stop_timeout).unwrap_or(Duration::from_secs(20));
+        let stop_timeout = args
+            .stop_timeout
+            .or(file.stop_timeout)
+            .unwrap_or(Duration::from_secs(20));
         let max_downloads = file.max_downloads.unwrap_or(8);
         positive("max-downloads", max_downloads)?;
         Ok(Settings {
-            inbox: args.inbox.clone().or(file.inbox).unwrap_or_else(|| "inbox".into()),
-            outbox: args.outbox.clone().or(file.outbox).unwrap_or_else(|| "outbox".into()),
-            state: args.state.clone().or(file.state).unwrap_or_else(|| "state".into()),
+            inbox: args
+                .inbox
+                .clone()
+                .or(file.inbox)
+                .unwrap_or_else(|| "inbox".into()),
+            outbox: args
+                .outbox
+                .clone()
+                .or(file.outbox)
+                .unwrap_or_else(|| "outbox".into()),
+            state: args
+                .state
+                .clone()
+                .or(file.state)
+                .unwrap_or_else(|| "state".into()),
             api_base,
             api_key,
             max_concurrent,
@@ -275,23 +314,36 @@ impl Settings {
             api_timeout,
             stop_timeout,
             simulate,
-            log_format: args.log_format.or(file.log_format).unwrap_or(LogFormat::Text),
+            log_format: args
+                .log_format
+                .or(file.log_format)
+                .unwrap_or(LogFormat::Text),
             retry_fail_codes: file.retry_fail_codes.unwrap_or_else(|| {
-                ["PROCESSING_TIMEOUT", "MODEL_UNAVAILABLE", "INSUFFICIENT_CREDITS"]
-                    .map(String::from)
-                    .to_vec()
+                [
+                    "PROCESSING_TIMEOUT",
+                    "MODEL_UNAVAILABLE",
+                    "INSUFFICIENT_CREDITS",
+                ]
+                .map(String::from)
+                .to_vec()
             }),
             max_resubmits: file.max_resubmits.unwrap_or(2),
             download_give_up: file
                 .download_give_up
                 .unwrap_or(Duration::from_secs(15 * 24 * 3600)),
             max_downloads,
+            pause_probe: args
+                .pause_probe
+                .or(file.pause_probe)
+                .unwrap_or(Duration::from_secs(30)),
         })
     }
 }
 
 pub fn default_listen() -> SocketAddr {
-    DEFAULT_LISTEN.parse().unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8686)))
+    DEFAULT_LISTEN
+        .parse()
+        .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8686)))
 }
 
 fn positive(key: &'static str, value: u32) -> Result<(), ConfigError> {
@@ -351,7 +403,10 @@ mod tests {
         let err = Settings::merge(&args(), FileSettings::default(), &Environment::default())
             .expect_err("no key must be refused");
         let text = err.to_string();
-        assert!(text.contains("--api-key-file") && text.contains("--simulate"), "{text}");
+        assert!(
+            text.contains("--api-key-file") && text.contains("--simulate"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -359,9 +414,10 @@ mod tests {
         let mut a = args();
         a.simulate = true;
         a.max_concurrent = Some(7);
-        let file: FileSettings =
-            toml::from_str("max-concurrent = 20\nmax_requests_per_minute = 600\npoll-min = \"250ms\"")
-                .expect("valid toml");
+        let file: FileSettings = toml::from_str(
+            "max-concurrent = 20\nmax_requests_per_minute = 600\npoll-min = \"250ms\"",
+        )
+        .expect("valid toml");
         let s = Settings::merge(&a, file, &Environment::default()).expect("valid");
         assert_eq!(s.max_concurrent, 7);
         assert_eq!(s.max_requests_per_minute, 600);

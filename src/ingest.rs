@@ -16,7 +16,7 @@ use sha2::{Digest, Sha256};
 
 use crate::fsutil;
 use crate::manifest::{self, ManifestError, Problem};
-use crate::store::{Begin, BatchPhase, BatchRecord, Store, StoreError};
+use crate::store::{BatchPhase, BatchRecord, Begin, Store, StoreError};
 
 /// Name of the folder under the inbox that holds rejected manifests.
 pub const REJECTED_DIR: &str = "rejected";
@@ -49,7 +49,9 @@ impl Folders {
 pub enum Outcome {
     Accepted(BatchRecord),
     /// Moved to `rejected/` with its errors file.
-    Rejected { problems: Vec<Problem> },
+    Rejected {
+        problems: Vec<Problem>,
+    },
     /// The file changed or vanished while being read; try again later.
     Unsettled,
 }
@@ -255,8 +257,10 @@ fn copy_hashed(from: &Path, to: &Path) -> io::Result<String> {
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }

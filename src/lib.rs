@@ -12,11 +12,20 @@
 //! - [`simulator`]: the built-in simulator of the API.
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod cli;
 pub mod config;
+pub mod daemon;
+pub mod dispatch;
+pub mod download;
+pub mod fsutil;
+pub mod inbox;
+pub mod ingest;
+pub mod listener;
 pub mod manifest;
+pub mod metrics;
+pub mod results;
 pub mod simulator;
 pub mod spec;
-pub mod fsutil;
-pub mod ingest;
+pub mod status;
 pub mod store;

@@ -30,7 +30,11 @@ pub struct Problem {
 
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "line {}: column {}: {}", self.line, self.column, self.message)
+        write!(
+            f,
+            "line {}: column {}: {}",
+            self.line, self.column, self.message
+        )
     }
 }
 
@@ -46,7 +50,10 @@ pub enum ManifestError {
     },
     /// The content breaks the contract's rules; every problem is listed.
     #[error("{path} is not a valid manifest ({} problem(s))", problems.len())]
-    Invalid { path: PathBuf, problems: Vec<Problem> },
+    Invalid {
+        path: PathBuf,
+        problems: Vec<Problem>,
+    },
 }
 
 /// One data row of a valid manifest.

@@ -23,6 +23,7 @@ pub struct SimHandle {
 }
 
 impl SimHandle {
+    pub async fn stopped(self) {}
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
     }
@@ -35,4 +36,9 @@ pub async fn start(
 ) -> Result<SimHandle, SimError> {
     let _ = (addr, args, shutdown);
     todo!("simulator")
+}
+
+pub async fn run_standalone(listen: SocketAddr, args: SimArgs) -> anyhow::Result<()> {
+    let _ = (listen, args);
+    todo!()
 }

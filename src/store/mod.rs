@@ -269,7 +269,9 @@ pub enum Claim {
 pub enum Begin {
     Started(BatchRecord),
     /// The same bytes were accepted before, as this batch.
-    Duplicate { earlier: String },
+    Duplicate {
+        earlier: String,
+    },
 }
 
 /// Requests sent in one second, for the sliding-window budget across restarts.
@@ -283,14 +285,18 @@ pub struct LedgerEntry {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The database could not be opened (often: another process has it).
-    #[error("cannot open the state database in {path}: {source} (is another infinitetalk-batch running on it?)")]
+    #[error(
+        "cannot open the state database in {path}: {source} (is another infinitetalk-batch running on it?)"
+    )]
     Open {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
     /// The state folder was written by another version of the layout.
-    #[error("the state folder {path} holds layout version {found}; this build reads version {supported} only. Use the build that wrote it, or point --state at a new folder")]
+    #[error(
+        "the state folder {path} holds layout version {found}; this build reads version {supported} only. Use the build that wrote it, or point --state at a new folder"
+    )]
     Version {
         path: PathBuf,
         found: String,

@@ -11,7 +11,7 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use super::{
-    Begin, BatchPhase, BatchRecord, BatchSeq, Claim, Counts, LedgerEntry, RowKey, RowRecord,
+    BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, LedgerEntry, RowKey, RowRecord,
     RowState, SCHEMA_VERSION, StoreError, now_ms,
 };
 
@@ -20,6 +20,7 @@ const DB_DIR: &str = "db-v1";
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_NEXT_SEQ: &[u8] = b"next_batch_seq";
 const KEY_LEDGER: &[u8] = b"request_ledger";
+const KEY_SECRET: &[u8] = b"callback_secret";
 
 /// The durable state of one daemon. Cloning shares the database.
 #[derive(Clone)]
@@ -62,8 +63,14 @@ fn parse_row_key(bytes: &[u8]) -> Result<RowKey, StoreError> {
         what: "row key",
         message: format!("{} bytes", bytes.len()),
     };
-    let batch: [u8; 8] = bytes.get(..8).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
-    let row: [u8; 8] = bytes.get(8..16).and_then(|b| b.try_into().ok()).ok_or_else(bad)?;
+    let batch: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
+    let row: [u8; 8] = bytes
+        .get(8..16)
+        .and_then(|b| b.try_into().ok())
+        .ok_or_else(bad)?;
     Ok(RowKey {
         batch: u64::from_be_bytes(batch),
         row: u64::from_be_bytes(row),
@@ -81,7 +88,10 @@ fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(|e| StoreError::Db(format!("encode: {e}")))
 }
 
-fn decode<T: serde::de::DeserializeOwned>(what: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
+fn decode<T: serde::de::DeserializeOwned>(
+    what: &'static str,
+    bytes: &[u8],
+) -> Result<T, StoreError> {
     serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
         what,
         message: e.to_string(),
@@ -95,7 +105,9 @@ fn abort(e: StoreError) -> ConflictableTransactionError<StoreError> {
 type TxResult<T> = Result<T, ConflictableTransactionError<StoreError>>;
 
 fn tx_batch(batches: &TransactionalTree, seq: BatchSeq) -> TxResult<BatchRecord> {
-    let bytes = batches.get(seq.to_be_bytes())?.ok_or_else(|| abort(StoreError::NoBatch(seq)))?;
+    let bytes = batches
+        .get(seq.to_be_bytes())?
+        .ok_or_else(|| abort(StoreError::NoBatch(seq)))?;
     decode("batch", &bytes).map_err(abort)
 }
 
@@ -221,43 +233,44 @@ impl Store {
     ) -> Result<Begin, StoreError> {
         let taken: Vec<String> = self.batches()?.into_iter().map(|b| b.name).collect();
         let free = |name: &str| !taken.iter().any(|t| t == name) && name_free(name);
-        let result = (&self.meta, &self.batches, &self.hashes).transaction(|(meta, batches, hashes)| {
-            if let Some(seq) = hashes.get(sha256.as_bytes())? {
-                let seq: [u8; 8] = seq.as_ref().try_into().map_err(|_| {
-                    abort(StoreError::Corrupt {
-                        what: "hash index",
-                        message: "bad batch number".into(),
-                    })
-                })?;
-                let earlier = tx_batch(batches, u64::from_be_bytes(seq))?;
-                return Ok(Begin::Duplicate {
-                    earlier: earlier.name,
-                });
-            }
-            let seq = match meta.get(KEY_NEXT_SEQ)? {
-                Some(v) => decode::<u64>("batch counter", &v).map_err(abort)?,
-                None => 1,
-            };
-            meta.insert(KEY_NEXT_SEQ, encode(&(seq + 1)).map_err(abort)?)?;
-            let name = unique_name(stem, &free);
-            let record = BatchRecord {
-                seq,
-                name,
-                sha256: sha256.to_owned(),
-                source: source.to_owned(),
-                source_removed: false,
-                phase: BatchPhase::Ingesting,
-                total_rows,
-                cursor: None,
-                counts: Counts::default(),
-                created_at_ms: now_ms(),
-                finished_at_ms: None,
-                simulated: false,
-            };
-            tx_put_batch(batches, &record)?;
-            hashes.insert(sha256.as_bytes(), &seq.to_be_bytes())?;
-            Ok(Begin::Started(record))
-        });
+        let result =
+            (&self.meta, &self.batches, &self.hashes).transaction(|(meta, batches, hashes)| {
+                if let Some(seq) = hashes.get(sha256.as_bytes())? {
+                    let seq: [u8; 8] = seq.as_ref().try_into().map_err(|_| {
+                        abort(StoreError::Corrupt {
+                            what: "hash index",
+                            message: "bad batch number".into(),
+                        })
+                    })?;
+                    let earlier = tx_batch(batches, u64::from_be_bytes(seq))?;
+                    return Ok(Begin::Duplicate {
+                        earlier: earlier.name,
+                    });
+                }
+                let seq = match meta.get(KEY_NEXT_SEQ)? {
+                    Some(v) => decode::<u64>("batch counter", &v).map_err(abort)?,
+                    None => 1,
+                };
+                meta.insert(KEY_NEXT_SEQ, encode(&(seq + 1)).map_err(abort)?)?;
+                let name = unique_name(stem, &free);
+                let record = BatchRecord {
+                    seq,
+                    name,
+                    sha256: sha256.to_owned(),
+                    source: source.to_owned(),
+                    source_removed: false,
+                    phase: BatchPhase::Ingesting,
+                    total_rows,
+                    cursor: None,
+                    counts: Counts::default(),
+                    created_at_ms: now_ms(),
+                    finished_at_ms: None,
+                    simulated: false,
+                };
+                tx_put_batch(batches, &record)?;
+                hashes.insert(sha256.as_bytes(), &seq.to_be_bytes())?;
+                Ok(Begin::Started(record))
+            });
         result.map_err(tx_err)
     }
 
@@ -294,7 +307,11 @@ impl Store {
     }
 
     /// The manifest is in the outbox: the batch is accepted.
-    pub fn activate_batch(&self, seq: BatchSeq, simulated: bool) -> Result<BatchRecord, StoreError> {
+    pub fn activate_batch(
+        &self,
+        seq: BatchSeq,
+        simulated: bool,
+    ) -> Result<BatchRecord, StoreError> {
         self.update_batch(seq, |b| {
             if b.phase == BatchPhase::Ingesting {
                 b.phase = BatchPhase::Active;
@@ -305,7 +322,8 @@ impl Store {
 
     /// The batch's inbox file is gone.
     pub fn mark_source_removed(&self, seq: BatchSeq) -> Result<(), StoreError> {
-        self.update_batch(seq, |b| b.source_removed = true).map(|_| ())
+        self.update_batch(seq, |b| b.source_removed = true)
+            .map(|_| ())
     }
 
     /// `results.csv` is written.
@@ -351,54 +369,59 @@ impl Store {
     /// Marks the claimed rows `submitting` in one transaction: fresh rows get
     /// their record and move their batch's cursor. The caller flushes before
     /// sending any of them.
-    pub fn mark_submitting(&self, claims: &[Claim]) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
-        let result = (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
-            let mut out = Vec::with_capacity(claims.len());
-            let mut touched: Vec<BatchRecord> = Vec::new();
-            for claim in claims {
-                let (key, old, record) = match claim {
-                    Claim::Fresh { batch, row, next } => {
-                        let key = RowKey {
-                            batch: *batch,
-                            row: row.index,
-                        };
-                        if rows.get(&row_key(key))?.is_some() {
-                            return Err(abort(StoreError::WrongState {
-                                key,
-                                found: "already claimed",
-                                action: "claim it fresh",
-                            }));
+    pub fn mark_submitting(
+        &self,
+        claims: &[Claim],
+    ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+        let result =
+            (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
+                let mut out = Vec::with_capacity(claims.len());
+                let mut touched: Vec<BatchRecord> = Vec::new();
+                for claim in claims {
+                    let (key, old, record) = match claim {
+                        Claim::Fresh { batch, row, next } => {
+                            let key = RowKey {
+                                batch: *batch,
+                                row: row.index,
+                            };
+                            if rows.get(&row_key(key))?.is_some() {
+                                return Err(abort(StoreError::WrongState {
+                                    key,
+                                    found: "already claimed",
+                                    action: "claim it fresh",
+                                }));
+                            }
+                            let mut record =
+                                RowRecord::new(row.id.clone(), row.line, row.spec.clone());
+                            record.state = RowState::Submitting;
+                            let b = batch_in(&mut touched, batches, *batch)?;
+                            b.cursor = Some(*next);
+                            (key, None, record)
                         }
-                        let mut record = RowRecord::new(row.id.clone(), row.line, row.spec.clone());
-                        record.state = RowState::Submitting;
-                        let b = batch_in(&mut touched, batches, *batch)?;
-                        b.cursor = Some(*next);
-                        (key, None, record)
-                    }
-                    Claim::Again(key) => {
-                        let mut record = tx_row(rows, *key)?;
-                        if record.state != RowState::Queued {
-                            return Err(abort(StoreError::WrongState {
-                                key: *key,
-                                found: record.state.as_str(),
-                                action: "submit it",
-                            }));
+                        Claim::Again(key) => {
+                            let mut record = tx_row(rows, *key)?;
+                            if record.state != RowState::Queued {
+                                return Err(abort(StoreError::WrongState {
+                                    key: *key,
+                                    found: record.state.as_str(),
+                                    action: "submit it",
+                                }));
+                            }
+                            record.state = RowState::Submitting;
+                            (*key, Some(RowState::Queued), record)
                         }
-                        record.state = RowState::Submitting;
-                        (*key, Some(RowState::Queued), record)
-                    }
-                };
-                batch_in(&mut touched, batches, key.batch)?
-                    .counts
-                    .moved(old, RowState::Submitting);
-                tx_put_row(rows, index, key, old, &record)?;
-                out.push((key, record));
-            }
-            for b in &touched {
-                tx_put_batch(batches, b)?;
-            }
-            Ok(out)
-        });
+                    };
+                    batch_in(&mut touched, batches, key.batch)?
+                        .counts
+                        .moved(old, RowState::Submitting);
+                    tx_put_row(rows, index, key, old, &record)?;
+                    out.push((key, record));
+                }
+                for b in &touched {
+                    tx_put_batch(batches, b)?;
+                }
+                Ok(out)
+            });
         result.map_err(tx_err)
     }
 
@@ -409,18 +432,19 @@ impl Store {
         key: RowKey,
         f: impl Fn(&mut RowRecord) -> Result<(), StoreError>,
     ) -> Result<RowRecord, StoreError> {
-        let result = (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
-            let mut record = tx_row(rows, key)?;
-            let old = record.state;
-            f(&mut record).map_err(abort)?;
-            if old != record.state {
-                let mut batch = tx_batch(batches, key.batch)?;
-                batch.counts.moved(Some(old), record.state);
-                tx_put_batch(batches, &batch)?;
-            }
-            tx_put_row(rows, index, key, Some(old), &record)?;
-            Ok(record)
-        });
+        let result =
+            (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
+                let mut record = tx_row(rows, key)?;
+                let old = record.state;
+                f(&mut record).map_err(abort)?;
+                if old != record.state {
+                    let mut batch = tx_batch(batches, key.batch)?;
+                    batch.counts.moved(Some(old), record.state);
+                    tx_put_batch(batches, &batch)?;
+                }
+                tx_put_row(rows, index, key, Some(old), &record)?;
+                Ok(record)
+            });
         result.map_err(tx_err)
     }
 
@@ -432,7 +456,11 @@ impl Store {
     }
 
     /// Rows in `state`, in batch and row order, at most `limit`.
-    pub fn rows_in_state(&self, state: RowState, limit: usize) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+    pub fn rows_in_state(
+        &self,
+        state: RowState,
+        limit: usize,
+    ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
         let mut out = Vec::new();
         for item in self.index.scan_prefix([state.tag()]) {
             if out.len() >= limit {
@@ -461,6 +489,20 @@ impl Store {
         Ok(())
     }
 
+    /// The secret in this daemon's callback URLs, made once and kept so that
+    /// callbacks for tasks submitted before a restart are still accepted.
+    pub fn callback_secret(&self, make: impl FnOnce() -> String) -> Result<String, StoreError> {
+        if let Some(v) = self.meta.get(KEY_SECRET).map_err(db_err)? {
+            return decode("callback secret", &v);
+        }
+        let secret = make();
+        self.meta
+            .insert(KEY_SECRET, encode(&secret)?)
+            .map_err(db_err)?;
+        self.flush_blocking()?;
+        Ok(secret)
+    }
+
     // ---- request ledger ----
 
     pub fn load_ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
@@ -479,7 +521,9 @@ impl Store {
 }
 
 fn tx_row(rows: &TransactionalTree, key: RowKey) -> TxResult<RowRecord> {
-    let bytes = rows.get(&row_key(key))?.ok_or_else(|| abort(StoreError::NoRow(key)))?;
+    let bytes = rows
+        .get(&row_key(key))?
+        .ok_or_else(|| abort(StoreError::NoRow(key)))?;
     decode("row", &bytes).map_err(abort)
 }
 

@@ -1,0 +1,498 @@
+//! The APIXO InfiniteTalk client: wire types, the two endpoints, and how
+//! each answer is classified.
+//!
+//! Classification lives on [`ApiError`]: the dispatcher asks an error
+//! whether to retry, wait, pause submission or fail the row, and never
+//! inspects status codes itself.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ApiKey;
+use crate::spec::{RowDefaults, RowSpec};
+
+pub const SUBMIT_PATH: &str = "/api/v1/generateTask/infinitetalk";
+pub const STATUS_PATH: &str = "/api/v1/statusTask/infinitetalk";
+
+/// Why submission is paused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseReason {
+    InsufficientCredits,
+    Unauthorized,
+}
+
+impl PauseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PauseReason::InsufficientCredits => "insufficient credits",
+            PauseReason::Unauthorized => "API key refused (401)",
+        }
+    }
+}
+
+/// What a failed API request means.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No answer: connection refused or reset, timeout, cut body.
+    #[error("network: {0}")]
+    Network(String),
+    /// HTTP or body code 5xx.
+    #[error("server error {status}: {message}")]
+    Server { status: u16, message: String },
+    /// HTTP or body code 429.
+    #[error("rate limited (429): {message}")]
+    RateLimited {
+        message: String,
+        retry_after: Option<Duration>,
+    },
+    /// HTTP or body code 401.
+    #[error("unauthorized (401): {message}")]
+    Unauthorized { message: String },
+    /// 402, or 400 "Insufficient credits".
+    #[error("insufficient credits ({status}): {message}")]
+    InsufficientCredits { status: u16, message: String },
+    /// An answer that is not the documented envelope.
+    #[error("malformed answer: {0}")]
+    Malformed(String),
+    /// The API refused this request for what it asks (400, 403, 404, ...).
+    #[error("refused ({status}): {message}")]
+    Refused { status: u16, message: String },
+}
+
+impl ApiError {
+    /// Transient: retry the same request after a backoff; never a row failure.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            ApiError::Network(_) | ApiError::Server { .. } | ApiError::Malformed(_)
+        )
+    }
+
+    /// The service asks us to slow down.
+    pub fn is_rate_limit(&self) -> bool {
+        matches!(self, ApiError::RateLimited { .. })
+    }
+
+    /// Submission must pause until the API accepts again.
+    pub fn pause_reason(&self) -> Option<PauseReason> {
+        match self {
+            ApiError::Unauthorized { .. } => Some(PauseReason::Unauthorized),
+            ApiError::InsufficientCredits { .. } => Some(PauseReason::InsufficientCredits),
+            _ => None,
+        }
+    }
+
+    /// The code recorded on a row the API refused at submit.
+    pub fn fail_code(&self) -> String {
+        match self {
+            ApiError::Refused { status, .. } => format!("HTTP_{status}"),
+            _ => "SUBMIT_ERROR".into(),
+        }
+    }
+
+    /// Seconds the server asked us to wait, if it said.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ApiError::RateLimited { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+
+    /// Classifies an HTTP status and the envelope's code and message.
+    fn from_codes(
+        http: u16,
+        body_code: Option<i64>,
+        message: String,
+        retry_after: Option<Duration>,
+    ) -> ApiError {
+        // The body code wins when the HTTP status is a plain 200.
+        let code = match body_code {
+            Some(c) if http == 200 => u16::try_from(c).unwrap_or(500),
+            _ => http,
+        };
+        let credits = message.to_ascii_lowercase().contains("insufficient credit");
+        match code {
+            429 => ApiError::RateLimited {
+                message,
+                retry_after,
+            },
+            401 => ApiError::Unauthorized { message },
+            402 => ApiError::InsufficientCredits {
+                status: 402,
+                message,
+            },
+            _ if credits => ApiError::InsufficientCredits {
+                status: code,
+                message,
+            },
+            500..=599 => ApiError::Server {
+                status: code,
+                message,
+            },
+            400..=499 => ApiError::Refused {
+                status: code,
+                message,
+            },
+            _ => ApiError::Malformed(format!("unexpected code {code}: {message}")),
+        }
+    }
+}
+
+/// The request body of a submit.
+#[derive(Debug, Serialize)]
+pub struct SubmitBody<'a> {
+    pub request_type: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callback_url: Option<&'a str>,
+    pub provider: &'static str,
+    pub input: SubmitInput<'a>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct SubmitInput<'a> {
+    pub mode: &'static str,
+    pub image_urls: Vec<&'a str>,
+    pub audio_urls: [&'a str; 1],
+    pub prompt: &'a str,
+    pub resolution: &'static str,
+    pub seed: i64,
+}
+
+impl<'a> SubmitBody<'a> {
+    /// The body for `spec`, with blanks filled from `defaults`.
+    pub fn new(
+        spec: &'a RowSpec,
+        defaults: &'a RowDefaults,
+        callback_url: Option<&'a str>,
+    ) -> Self {
+        let mut image_urls = vec![spec.image_url.as_str()];
+        if let Some(mask) = &spec.mask_url {
+            image_urls.push(mask.as_str());
+        }
+        SubmitBody {
+            request_type: if callback_url.is_some() {
+                "callback"
+            } else {
+                "async"
+            },
+            callback_url,
+            provider: spec.provider.unwrap_or(defaults.provider).as_str(),
+            input: SubmitInput {
+                mode: "image-to-video",
+                image_urls,
+                audio_urls: [spec.audio_url.as_str()],
+                prompt: spec.prompt.as_deref().unwrap_or(&defaults.prompt),
+                resolution: spec.resolution.unwrap_or(defaults.resolution).as_str(),
+                seed: spec.seed.unwrap_or(-1),
+            },
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct Envelope {
+    code: Option<i64>,
+    #[serde(default, alias = "msg")]
+    message: Option<String>,
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+}
+
+/// Where a task is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskState {
+    Pending,
+    Processing,
+    Success,
+    Failed,
+}
+
+/// The `data` of a status answer (and of a callback).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskStatus {
+    pub task_id: String,
+    pub state: TaskState,
+    pub result_urls: Vec<String>,
+    pub fail_code: Option<String>,
+    pub fail_msg: Option<String>,
+    pub cost_time_ms: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StatusData {
+    #[serde(default)]
+    task_id: Option<String>,
+    state: String,
+    #[serde(default)]
+    result_json: Option<serde_json::Value>,
+    #[serde(default)]
+    fail_code: Option<String>,
+    #[serde(default)]
+    fail_msg: Option<String>,
+    #[serde(default)]
+    cost_time: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ResultJson {
+    #[serde(default)]
+    result_urls: Vec<String>,
+}
+
+impl TaskStatus {
+    /// Parses the `data` object of a status answer or callback.
+    pub fn from_data(
+        data: serde_json::Value,
+        asked_for: Option<&str>,
+    ) -> Result<TaskStatus, ApiError> {
+        let data: StatusData = serde_json::from_value(data)
+            .map_err(|e| ApiError::Malformed(format!("status data: {e}")))?;
+        let task_id = match (data.task_id, asked_for) {
+            (Some(id), Some(asked)) if id != asked => {
+                return Err(ApiError::Malformed(format!(
+                    "asked for task {asked}, got {id}"
+                )));
+            }
+            (Some(id), _) => id,
+            (None, Some(asked)) => asked.to_owned(),
+            (None, None) => return Err(ApiError::Malformed("no taskId".into())),
+        };
+        let state = match data.state.to_ascii_lowercase().as_str() {
+            "pending" | "queued" | "waiting" => TaskState::Pending,
+            "processing" | "running" | "generating" => TaskState::Processing,
+            "success" | "succeeded" | "completed" => TaskState::Success,
+            "failed" | "fail" | "error" => TaskState::Failed,
+            other => return Err(ApiError::Malformed(format!("unknown task state {other:?}"))),
+        };
+        let result_urls = match data.result_json {
+            None | Some(serde_json::Value::Null) => Vec::new(),
+            // Documented as a JSON string holding an object; accept the object too.
+            Some(serde_json::Value::String(s)) if s.trim().is_empty() => Vec::new(),
+            Some(serde_json::Value::String(s)) => {
+                serde_json::from_str::<ResultJson>(&s)
+                    .map_err(|e| ApiError::Malformed(format!("resultJson: {e}")))?
+                    .result_urls
+            }
+            Some(v) => {
+                serde_json::from_value::<ResultJson>(v)
+                    .map_err(|e| ApiError::Malformed(format!("resultJson: {e}")))?
+                    .result_urls
+            }
+        };
+        if state == TaskState::Success && result_urls.is_empty() {
+            return Err(ApiError::Malformed("success without result URLs".into()));
+        }
+        let cost_time_ms = match data.cost_time {
+            Some(serde_json::Value::Number(n)) => {
+                n.as_u64().or_else(|| n.as_f64().map(|f| f as u64))
+            }
+            Some(serde_json::Value::String(s)) => s.parse().ok(),
+            _ => None,
+        };
+        Ok(TaskStatus {
+            task_id,
+            state,
+            result_urls,
+            fail_code: data.fail_code.filter(|s| !s.is_empty()),
+            fail_msg: data.fail_msg.filter(|s| !s.is_empty()),
+            cost_time_ms,
+        })
+    }
+}
+
+/// Parses a whole status envelope (as a callback body carries it).
+pub fn parse_status_envelope(bytes: &[u8]) -> Result<TaskStatus, ApiError> {
+    let env: Envelope = serde_json::from_slice(bytes)
+        .map_err(|e| ApiError::Malformed(format!("not the envelope: {e}")))?;
+    let data = env
+        .data
+        .ok_or_else(|| ApiError::Malformed("no data".into()))?;
+    TaskStatus::from_data(data, None)
+}
+
+/// The client of one API root with one key.
+#[derive(Clone)]
+pub struct ApiClient {
+    http: reqwest::Client,
+    base: String,
+    auth: String,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("base", &self.base)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiClient {
+    pub fn new(http: reqwest::Client, base: &str, key: &ApiKey, timeout: Duration) -> Self {
+        ApiClient {
+            http,
+            base: base.trim_end_matches('/').to_owned(),
+            auth: format!("Bearer {}", key.expose()),
+            timeout,
+        }
+    }
+
+    /// Submits one row; returns the task id.
+    pub async fn submit(&self, body: &SubmitBody<'_>) -> Result<String, ApiError> {
+        let req = self
+            .http
+            .post(format!("{}{SUBMIT_PATH}", self.base))
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .timeout(self.timeout)
+            .json(body);
+        let data = self.send(req).await?;
+        data.get("taskId")
+            .and_then(|v| match v {
+                serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .ok_or_else(|| ApiError::Malformed("submit answer has no data.taskId".into()))
+    }
+
+    /// Asks where a task is.
+    pub async fn status(&self, task_id: &str) -> Result<TaskStatus, ApiError> {
+        let req = self
+            .http
+            .get(format!("{}{STATUS_PATH}", self.base))
+            .query(&[("taskId", task_id)])
+            .header(reqwest::header::AUTHORIZATION, &self.auth)
+            .timeout(self.timeout);
+        let data = self.send(req).await?;
+        TaskStatus::from_data(data, Some(task_id))
+    }
+
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<serde_json::Value, ApiError> {
+        let resp = req.send().await.map_err(network)?;
+        let http = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let bytes = resp.bytes().await.map_err(network)?;
+        let env: Option<Envelope> = serde_json::from_slice(&bytes).ok();
+        match env {
+            Some(env) if http == 200 && env.code == Some(200) => env
+                .data
+                .ok_or_else(|| ApiError::Malformed("success without data".into())),
+            Some(env) => {
+                let message = env.message.unwrap_or_default();
+                Err(ApiError::from_codes(http, env.code, message, retry_after))
+            }
+            None if http == 200 => Err(ApiError::Malformed(format!(
+                "body is not JSON: {:?}",
+                String::from_utf8_lossy(&bytes[..bytes.len().min(120)])
+            ))),
+            None => {
+                let message = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
+                Err(ApiError::from_codes(http, None, message, retry_after))
+            }
+        }
+    }
+}
+
+fn network(e: reqwest::Error) -> ApiError {
+    let kind = if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connect"
+    } else if e.is_body() || e.is_decode() {
+        "body"
+    } else {
+        "request"
+    };
+    ApiError::Network(format!("{kind}: {}", error_chain(&e)))
+}
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_answers() {
+        let c = |http, code, msg: &str| ApiError::from_codes(http, code, msg.into(), None);
+        assert!(c(503, None, "x").is_transient());
+        assert!(c(200, Some(500), "x").is_transient());
+        assert!(c(429, None, "slow down").is_rate_limit());
+        assert_eq!(
+            c(400, Some(400), "Insufficient credits").pause_reason(),
+            Some(PauseReason::InsufficientCredits)
+        );
+        assert_eq!(
+            c(402, None, "").pause_reason(),
+            Some(PauseReason::InsufficientCredits)
+        );
+        assert_eq!(
+            c(200, Some(401), "").pause_reason(),
+            Some(PauseReason::Unauthorized)
+        );
+        let refused = c(400, Some(400), "input.seed: bad");
+        assert!(!refused.is_transient() && refused.pause_reason().is_none());
+        assert_eq!(refused.fail_code(), "HTTP_400");
+    }
+
+    #[test]
+    fn parses_status_with_result_json_string() {
+        let data = serde_json::json!({
+            "taskId": "t1", "state": "success",
+            "resultJson": "{\"resultUrls\":[\"http://x/a.mp4\"]}",
+            "costTime": 1234
+        });
+        let s = TaskStatus::from_data(data, Some("t1")).expect("valid");
+        assert_eq!(s.state, TaskState::Success);
+        assert_eq!(s.result_urls, vec!["http://x/a.mp4"]);
+        assert_eq!(s.cost_time_ms, Some(1234));
+    }
+
+    #[test]
+    fn success_without_urls_is_malformed() {
+        let data = serde_json::json!({"taskId": "t1", "state": "success"});
+        assert!(TaskStatus::from_data(data, Some("t1")).is_err());
+    }
+
+    #[test]
+    fn body_matches_contract() {
+        let spec = RowSpec {
+            image_url: "https://x/i.png".into(),
+            mask_url: Some("https://x/m.png".into()),
+            audio_url: "https://x/a.mp3".into(),
+            prompt: None,
+            resolution: None,
+            seed: Some(7),
+            provider: None,
+        };
+        let defaults = RowDefaults::default();
+        let body = serde_json::to_value(SubmitBody::new(&spec, &defaults, None)).expect("json");
+        assert_eq!(
+            body,
+            serde_json::json!({
+                "request_type": "async", "provider": "auto",
+                "input": {"mode": "image-to-video", "image_urls": ["https://x/i.png", "https://x/m.png"],
+                          "audio_urls": ["https://x/a.mp3"], "prompt": "", "resolution": "480p", "seed": 7}
+            })
+        );
+    }
+}

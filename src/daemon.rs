@@ -1,0 +1,278 @@
+//! `run`: wires the store, the engine's loops, the inbox watcher and the
+//! listener together, and stops them all within `--stop-timeout`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::ApiClient;
+use crate::config::{ApiKey, Settings};
+use crate::dispatch::{self, Engine};
+use crate::ingest::{self, Folders};
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+use crate::{download, inbox, listener, results, simulator};
+
+/// Why the daemon could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create folder {path}: {source}")]
+    Folder {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("recovering interrupted ingests: {0}")]
+    Recover(#[from] ingest::IngestError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot build the HTTP client: {0}")]
+    Http(String),
+    #[error("built-in simulator: {0}")]
+    Simulator(#[from] simulator::SimError),
+    #[error("inbox: {0}")]
+    Inbox(#[from] inbox::InboxError),
+    #[error("a background task failed: {0}")]
+    Join(String),
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    let bytes: [u8; 16] = rand::rng().random();
+    ingest::hex(&bytes)
+}
+
+/// Runs the daemon until `shutdown` is cancelled, then stops gracefully.
+pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let started = Instant::now();
+    let settings = Arc::new(settings);
+    for dir in [&settings.inbox, &settings.outbox] {
+        std::fs::create_dir_all(dir).map_err(|source| DaemonError::Folder {
+            path: dir.clone(),
+            source,
+        })?;
+    }
+    let state_dir = settings.state.clone();
+    let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
+        .await
+        .map_err(|e| DaemonError::Join(e.to_string()))??;
+    let folders = Folders {
+        inbox: settings.inbox.clone(),
+        outbox: settings.outbox.clone(),
+    };
+    {
+        let (store, folders) = (store.clone(), folders.clone());
+        tokio::task::spawn_blocking(move || ingest::recover(&store, &folders))
+            .await
+            .map_err(|e| DaemonError::Join(e.to_string()))??;
+    }
+
+    // The engine's own token: cancelled after the listener and inbox stop.
+    let engine_stop = CancellationToken::new();
+    let sim_stop = CancellationToken::new();
+    let (api_base, key, sim) = if settings.simulate {
+        let sim = simulator::start(
+            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            simulator::SimArgs::default(),
+            sim_stop.clone(),
+        )
+        .await?;
+        tracing::warn!(
+            simulator = %sim.base_url(),
+            "SIMULATED RUN: tasks go to the built-in simulator, not the real API; videos are test patterns and results.csv marks them simulated"
+        );
+        (sim.base_url(), ApiKey::new("simulated"), Some(sim))
+    } else {
+        let key = settings
+            .api_key
+            .clone()
+            .ok_or_else(|| DaemonError::Http("no API key".into()))?;
+        (settings.api_base.clone(), key, None)
+    };
+
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(64)
+        .user_agent(concat!("infinitetalk-batch/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| DaemonError::Http(e.to_string()))?;
+    let api = ApiClient::new(http.clone(), &api_base, &key, settings.api_timeout);
+    let secret = store.callback_secret(random_secret)?;
+    let callback_url = settings
+        .callback_url
+        .as_ref()
+        .map(|u| format!("{}/callback/{secret}", u.as_str().trim_end_matches('/')));
+    let metrics = Arc::new(Metrics::default());
+    let mut registry = Registry::default();
+    metrics.register(&mut registry);
+
+    let (engine, inboxes) = Engine::new(
+        store.clone(),
+        api,
+        http,
+        settings.clone(),
+        folders.clone(),
+        metrics,
+        callback_url,
+        engine_stop.clone(),
+    )?;
+
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    let listen_addr = listener.local_addr().unwrap_or(settings.listen);
+
+    let requeued = dispatch::resume(&engine)?;
+    let loops = tokio_util::task::TaskTracker::new();
+    loops.spawn(dispatch::submit_loop(engine.clone()));
+    loops.spawn(dispatch::poll_loop(engine.clone(), inboxes.poller));
+    loops.spawn(download::download_loop(engine.clone(), inboxes.downloads));
+    loops.spawn(results::finish_loop(engine.clone(), inboxes.finished));
+    loops.spawn(save_ledger_loop(engine.clone()));
+    loops.spawn(heartbeat_loop(engine.clone()));
+
+    let front_stop = CancellationToken::new();
+    {
+        let router = listener::router(engine.clone(), registry, secret);
+        let stop = front_stop.clone();
+        loops.spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "listener failed");
+            }
+        });
+    }
+    let inbox_task = {
+        let engine = engine.clone();
+        let config = inbox::InboxConfig {
+            folders: folders.clone(),
+            settle: Duration::from_secs(1),
+            rescan_every: Duration::from_secs(30),
+            simulated: settings.simulate,
+        };
+        let stop = front_stop.clone();
+        tokio::spawn(inbox::watch(
+            store.clone(),
+            config,
+            move |batch| {
+                tracing::info!(batch = %batch.name, rows = batch.total_rows, "batch queued");
+                engine.work.notify_one();
+            },
+            stop,
+        ))
+    };
+
+    tracing::info!(
+        listen = %listen_addr, inbox = %settings.inbox.display(), outbox = %settings.outbox.display(),
+        state = %settings.state.display(), max_concurrent = settings.max_concurrent,
+        max_requests_per_minute = settings.max_requests_per_minute,
+        callbacks = settings.callback_url.is_some(), requeued_after_crash = requeued,
+        startup_ms = started.elapsed().as_millis() as u64,
+        "daemon ready"
+    );
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    shutdown.cancelled().await;
+    let stop_started = Instant::now();
+    tracing::info!(timeout = ?settings.stop_timeout, "stopping: no new work; in-flight submits finish");
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
+    front_stop.cancel();
+    engine_stop.cancel();
+    loops.close();
+    engine.tracker.close();
+    // Keep a margin for the final flush within the stop timeout.
+    let deadline = settings
+        .stop_timeout
+        .saturating_sub(Duration::from_millis(500));
+    let drained = tokio::time::timeout(deadline, async {
+        loops.wait().await;
+        engine.tracker.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("stop timeout reached with work in flight; it resumes at the next start");
+    }
+    inbox_task.abort();
+    let _ = store.save_ledger(&engine.budget.ledger());
+    store.flush().await?;
+    sim_stop.cancel();
+    if let Some(sim) = sim {
+        let _ = tokio::time::timeout(Duration::from_secs(2), sim.stopped()).await;
+    }
+    tracing::info!(
+        took_ms = stop_started.elapsed().as_millis() as u64,
+        "stopped"
+    );
+    Ok(())
+}
+
+/// Saves what the request budget spent, every second, so a restart does not
+/// start with a full window.
+async fn save_ledger_loop(engine: Arc<Engine>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            () = engine.shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                if let Err(e) = engine.store.save_ledger(&engine.budget.ledger()) {
+                    tracing::error!(error = %e, "cannot save the request ledger");
+                }
+            }
+        }
+    }
+}
+
+/// STATUS= and WATCHDOG=1 for systemd.
+async fn heartbeat_loop(engine: Arc<Engine>) {
+    let watchdog = sd_notify::watchdog_enabled();
+    let every = match watchdog {
+        Some(interval) => (interval / 2).max(Duration::from_millis(100)),
+        None => Duration::from_secs(5),
+    };
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tokio::select! {
+            () = engine.shutdown.cancelled() => break,
+            _ = tick.tick() => {
+                let line = summary_line(&engine);
+                let mut states = vec![sd_notify::NotifyState::Status(&line)];
+                if watchdog.is_some() {
+                    states.push(sd_notify::NotifyState::Watchdog);
+                }
+                let _ = sd_notify::notify(&states);
+            }
+        }
+    }
+}
+
+/// One line: queued / in flight / downloading / done / failed / pause.
+pub fn summary_line(engine: &Engine) -> String {
+    let report = listener::live_report(engine);
+    let sum = |f: fn(&crate::status::BatchStatus) -> u64| report.batches.iter().map(f).sum::<u64>();
+    let mut line = format!(
+        "queued {} / in flight {} / downloading {} / done {} / failed {}",
+        sum(|b| b.queued),
+        sum(|b| b.in_flight),
+        sum(|b| b.downloading),
+        sum(|b| b.done),
+        sum(|b| b.failed)
+    );
+    if let Some(reason) = &report.paused {
+        line.push_str(&format!(" / PAUSED: {reason}"));
+    }
+    line
+}

@@ -1,0 +1,883 @@
+//! Pacing, submitting and polling: rows from the store become tasks at the
+//! API's limits, and tasks are followed to their end.
+//!
+//! Two limits hold at once: a concurrency cap ([`Semaphore`] of
+//! `--max-concurrent` slots, one held by every task submitted and not yet
+//! seen finished) and the request budget ([`budget::RequestBudget`]) shared
+//! by submits and polls. Both live here and nowhere else.
+//!
+//! Write-ahead: a row is marked `submitting` and flushed before its POST; its
+//! task id is flushed the moment it is known. A row left `submitting` by a
+//! crash is the only row submitted again without a failure (guarantee 2).
+
+pub mod budget;
+pub mod schedule;
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::{ApiClient, ApiError, PauseReason, SubmitBody, TaskState, TaskStatus};
+use crate::config::Settings;
+use crate::ingest::Folders;
+use crate::manifest::RowReader;
+use crate::metrics::Metrics;
+use crate::store::{
+    BatchPhase, BatchSeq, Claim, RowKey, RowRecord, RowState, Store, StoreError, now_ms,
+};
+
+use self::budget::{Class, RequestBudget};
+use self::schedule::PollModel;
+
+/// Fail code the API uses when the account ran dry.
+pub const INSUFFICIENT_CREDITS: &str = "INSUFFICIENT_CREDITS";
+/// Most rows claimed (and flushed) together.
+const CLAIM_GROUP: usize = 32;
+/// Status requests on the wire at once.
+const POLLS_IN_FLIGHT: usize = 64;
+
+/// What the engine shares between its loops.
+pub struct Engine {
+    pub store: Store,
+    pub api: ApiClient,
+    pub http: reqwest::Client,
+    pub budget: Arc<RequestBudget>,
+    pub slots: Arc<Semaphore>,
+    pub settings: Arc<Settings>,
+    pub folders: Folders,
+    pub metrics: Arc<Metrics>,
+    /// Why submission is paused, if it is.
+    pub pause: watch::Sender<Option<PauseReason>>,
+    /// New rows may be queued (a batch accepted, a row requeued).
+    pub work: tokio::sync::Notify,
+    pub poller: mpsc::UnboundedSender<PollCmd>,
+    pub downloads: mpsc::UnboundedSender<RowKey>,
+    pub finished: mpsc::UnboundedSender<BatchSeq>,
+    /// `URL/callback/SECRET` when callback mode is on.
+    pub callback_url: Option<String>,
+    pub tracker: TaskTracker,
+    pub shutdown: CancellationToken,
+    names: Mutex<HashMap<BatchSeq, String>>,
+    /// Task ids being followed, for callbacks (maintained by the poller).
+    tracked: Mutex<HashMap<String, RowKey>>,
+    /// Tasks in flight (for status): maintained by the poller.
+    in_flight: std::sync::atomic::AtomicU64,
+}
+
+/// The receiving ends the engine's loops own.
+pub struct Inboxes {
+    pub poller: mpsc::UnboundedReceiver<PollCmd>,
+    pub downloads: mpsc::UnboundedReceiver<RowKey>,
+    pub finished: mpsc::UnboundedReceiver<BatchSeq>,
+}
+
+/// Messages to the poll scheduler.
+#[derive(Debug)]
+pub enum PollCmd {
+    /// Follow this task; it holds a concurrency slot until seen finished.
+    Track {
+        key: RowKey,
+        task_id: String,
+        submitted_at_ms: u64,
+        slot: Option<OwnedSemaphorePermit>,
+    },
+    /// A callback said this task ended: confirm with a status query now.
+    Hint { task_id: String },
+}
+
+impl Engine {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        store: Store,
+        api: ApiClient,
+        http: reqwest::Client,
+        settings: Arc<Settings>,
+        folders: Folders,
+        metrics: Arc<Metrics>,
+        callback_url: Option<String>,
+        shutdown: CancellationToken,
+    ) -> Result<(Arc<Engine>, Inboxes), StoreError> {
+        let ledger = store.load_ledger()?;
+        let (poll_tx, poll_rx) = mpsc::unbounded_channel();
+        let (dl_tx, dl_rx) = mpsc::unbounded_channel();
+        let (fin_tx, fin_rx) = mpsc::unbounded_channel();
+        let engine = Engine {
+            budget: Arc::new(RequestBudget::new(
+                settings.max_requests_per_minute,
+                &ledger,
+            )),
+            slots: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
+            store,
+            api,
+            http,
+            folders,
+            metrics,
+            pause: watch::channel(None).0,
+            work: tokio::sync::Notify::new(),
+            poller: poll_tx,
+            downloads: dl_tx,
+            finished: fin_tx,
+            callback_url,
+            tracker: TaskTracker::new(),
+            shutdown,
+            names: Mutex::new(HashMap::new()),
+            tracked: Mutex::new(HashMap::new()),
+            in_flight: std::sync::atomic::AtomicU64::new(0),
+            settings,
+        };
+        Ok((
+            Arc::new(engine),
+            Inboxes {
+                poller: poll_rx,
+                downloads: dl_rx,
+                finished: fin_rx,
+            },
+        ))
+    }
+
+    /// The batch's name, for logs.
+    pub fn batch_name(&self, seq: BatchSeq) -> String {
+        let mut names = self.names.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(name) = names.get(&seq) {
+            return name.clone();
+        }
+        match self.store.batch(seq) {
+            Ok(b) => {
+                names.insert(seq, b.name.clone());
+                b.name
+            }
+            Err(_) => seq.to_string(),
+        }
+    }
+
+    /// The row whose task this is, if the task is being followed.
+    pub fn tracked_task(&self, task_id: &str) -> Option<RowKey> {
+        self.tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(task_id)
+            .copied()
+    }
+
+    fn track(&self, task_id: &str, key: Option<RowKey>) {
+        let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+        match key {
+            Some(key) => tracked.insert(task_id.to_owned(), key),
+            None => tracked.remove(task_id),
+        };
+    }
+
+    pub fn paused(&self) -> Option<PauseReason> {
+        *self.pause.borrow()
+    }
+
+    pub fn tasks_in_flight(&self) -> u64 {
+        self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn set_pause(&self, reason: PauseReason) {
+        let changed = self.pause.send_if_modified(|p| {
+            let changed = *p != Some(reason);
+            *p = Some(reason);
+            changed
+        });
+        if changed {
+            tracing::warn!(
+                reason = reason.as_str(),
+                "submission paused; rows stay queued and running tasks are still followed"
+            );
+        }
+    }
+
+    fn clear_pause(&self) {
+        let was = self.pause.send_replace(None);
+        if let Some(reason) = was {
+            tracing::info!(
+                was = reason.as_str(),
+                "submission resumed: the API accepts again"
+            );
+        }
+    }
+
+    /// Tells the finisher a row of `batch` ended.
+    fn row_ended(&self, batch: BatchSeq) {
+        let _ = self.finished.send(batch);
+    }
+
+    /// Records a row as failed and tells the finisher.
+    pub fn fail_row(&self, key: RowKey, code: &str, msg: &str) -> Result<RowRecord, StoreError> {
+        let record = self.store.transition(key, |r| {
+            r.state = RowState::Failed;
+            r.fail_code = Some(code.to_owned());
+            r.fail_msg = Some(msg.to_owned());
+            Ok(())
+        })?;
+        tracing::warn!(batch = %self.batch_name(key.batch), row = %record.id, code, msg, "row failed");
+        self.row_ended(key.batch);
+        Ok(record)
+    }
+}
+
+/// Exponential backoff with full jitter: up to `base * 2^attempt`, capped.
+pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.min(16));
+    let top = exp.min(cap);
+    let low = top / 2;
+    let jitter = rand::rng().random_range(0.0..=1.0);
+    low + (top - low).mul_f64(jitter)
+}
+
+/// Sleeps `d` unless the engine is stopping; false when stopping.
+async fn sleep_or_stop(engine: &Engine, d: Duration) -> bool {
+    tokio::select! {
+        () = tokio::time::sleep(d) => true,
+        () = engine.shutdown.cancelled() => false,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Start-up
+
+/// Puts the store's rows back to work after a start: running tasks are
+/// followed again (holding their slots), rows left `submitting` are queued
+/// again with a warning, downloads resume. Returns how many rows were
+/// requeued because their submit may have been in flight.
+pub fn resume(engine: &Arc<Engine>) -> Result<usize, StoreError> {
+    let store = &engine.store;
+    let mut requeued = 0;
+    for (key, record) in store.rows_in_state(RowState::Submitting, usize::MAX)? {
+        tracing::warn!(
+            batch = %engine.batch_name(key.batch), row = %record.id,
+            "row was being submitted when the daemon stopped; submitting it again (a task may have been created and be charged twice)"
+        );
+        store.transition(key, |r| {
+            r.state = RowState::Queued;
+            Ok(())
+        })?;
+        engine.metrics.resubmitted.inc();
+        requeued += 1;
+    }
+    for (key, record) in store.rows_in_state(RowState::Running, usize::MAX)? {
+        let Some(task_id) = record.task_id.clone() else {
+            continue;
+        };
+        let slot = engine.slots.clone().try_acquire_owned().ok();
+        let _ = engine.poller.send(PollCmd::Track {
+            key,
+            task_id,
+            submitted_at_ms: record.submitted_at_ms.unwrap_or_else(now_ms),
+            slot,
+        });
+    }
+    for (key, _) in store.rows_in_state(RowState::Downloading, usize::MAX)? {
+        let _ = engine.downloads.send(key);
+    }
+    for batch in store.batches()? {
+        if batch.phase == BatchPhase::Active && batch.all_rows_ended() {
+            engine.row_ended(batch.seq);
+        }
+    }
+    Ok(requeued)
+}
+
+// ---------------------------------------------------------------------------
+// Submitting
+
+/// Takes queued rows and submits them while slots, budget and the pause allow.
+pub async fn submit_loop(engine: Arc<Engine>) {
+    let mut feed = Feed::default();
+    let mut failures = 0u32;
+    loop {
+        if engine.shutdown.is_cancelled() {
+            break;
+        }
+        let probing = engine.paused().is_some();
+        if probing {
+            // Paused: try one row now and then; its answer decides.
+            let wait = engine.settings.pause_probe;
+            if !sleep_or_stop(&engine, wait).await {
+                break;
+            }
+            if engine.paused().is_none() {
+                continue;
+            }
+        }
+        let slot = tokio::select! {
+            slot = engine.slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => break,
+            },
+            () = engine.shutdown.cancelled() => break,
+        };
+        match feed.fill(&engine, CLAIM_GROUP) {
+            Ok(0) => {
+                drop(slot);
+                tokio::select! {
+                    () = engine.work.notified() => {}
+                    () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    () = engine.shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            Ok(_) => failures = 0,
+            Err(e) => {
+                drop(slot);
+                feed.reset();
+                failures += 1;
+                tracing::error!(error = %e, "cannot read queued rows; retrying");
+                if !sleep_or_stop(
+                    &engine,
+                    backoff(
+                        failures,
+                        Duration::from_millis(500),
+                        Duration::from_secs(30),
+                    ),
+                )
+                .await
+                {
+                    break;
+                }
+                continue;
+            }
+        }
+        tokio::select! {
+            () = engine.budget.acquire(Class::Submit) => {}
+            () = engine.shutdown.cancelled() => break,
+        }
+        let mut group = vec![(slot, feed.pop())];
+        while !probing && group.len() < CLAIM_GROUP && !feed.is_empty() {
+            let Ok(slot) = engine.slots.clone().try_acquire_owned() else {
+                break;
+            };
+            if !engine.budget.try_acquire() {
+                break;
+            }
+            group.push((slot, feed.pop()));
+        }
+        let claims: Vec<Claim> = group.iter().filter_map(|(_, c)| c.clone()).collect();
+        let claimed = match engine.store.mark_submitting(&claims) {
+            Ok(claimed) => claimed,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot mark rows as submitting; retrying");
+                feed.reset();
+                continue;
+            }
+        };
+        if let Err(e) = engine.store.flush().await {
+            // Without the write-ahead mark on disk nothing may be sent.
+            tracing::error!(error = %e, "cannot flush the state database; nothing submitted");
+            feed.reset();
+            if !sleep_or_stop(&engine, Duration::from_secs(1)).await {
+                break;
+            }
+            continue;
+        }
+        for ((slot, _), (key, record)) in group.into_iter().zip(claimed) {
+            let engine2 = engine.clone();
+            if probing {
+                submit_row(engine2, key, record, slot).await;
+            } else {
+                engine.tracker.spawn(submit_row(engine2, key, record, slot));
+            }
+        }
+    }
+}
+
+/// Rows read ahead from the store and the manifests, not yet claimed.
+#[derive(Default)]
+struct Feed {
+    pending: VecDeque<Claim>,
+    readers: HashMap<BatchSeq, RowReader>,
+    queued_keys: HashSet<RowKey>,
+}
+
+impl Feed {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    fn pop(&mut self) -> Option<Claim> {
+        let claim = self.pending.pop_front();
+        if let Some(Claim::Again(key)) = &claim {
+            self.queued_keys.remove(key);
+        }
+        claim
+    }
+
+    /// Forgets read-ahead rows (after an error the cursors in the store are the truth).
+    fn reset(&mut self) {
+        self.pending.clear();
+        self.readers.clear();
+        self.queued_keys.clear();
+    }
+
+    /// Reads ahead up to `want` rows; returns how many are pending.
+    fn fill(&mut self, engine: &Engine, want: usize) -> Result<usize, FeedError> {
+        if self.pending.len() >= want {
+            return Ok(self.pending.len());
+        }
+        // Rows queued again come first: they have waited longest.
+        for (key, _) in engine.store.rows_in_state(RowState::Queued, want)? {
+            if self.queued_keys.insert(key) {
+                self.pending.push_back(Claim::Again(key));
+            }
+        }
+        if self.pending.len() >= want {
+            return Ok(self.pending.len());
+        }
+        for batch in engine.store.batches()? {
+            if batch.phase != BatchPhase::Active || batch.unclaimed() == 0 {
+                self.readers.remove(&batch.seq);
+                continue;
+            }
+            let reader = match self.readers.entry(batch.seq) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let path = engine.folders.manifest_of(&batch.name);
+                    v.insert(RowReader::open(&path, batch.cursor)?)
+                }
+            };
+            while self.pending.len() < want {
+                match reader.next_row()? {
+                    Some((row, next)) => self.pending.push_back(Claim::Fresh {
+                        batch: batch.seq,
+                        row,
+                        next,
+                    }),
+                    None => break,
+                }
+            }
+            if self.pending.len() >= want {
+                break;
+            }
+        }
+        Ok(self.pending.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum FeedError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+}
+
+/// Submits one claimed row until the API answers for it.
+async fn submit_row(
+    engine: Arc<Engine>,
+    key: RowKey,
+    record: RowRecord,
+    slot: OwnedSemaphorePermit,
+) {
+    let batch = engine.batch_name(key.batch);
+    let body = SubmitBody::new(
+        &record.spec,
+        &engine.settings.defaults,
+        engine.callback_url.as_deref(),
+    );
+    let mut attempt = 0u32;
+    loop {
+        if attempt > 0 {
+            tokio::select! {
+                () = engine.budget.acquire(Class::Submit) => {}
+                // The row stays `submitting`; the next start resubmits it.
+                () = engine.shutdown.cancelled() => return,
+            }
+        }
+        attempt += 1;
+        match engine.api.submit(&body).await {
+            Ok(task_id) => {
+                engine.metrics.request("submit", "ok");
+                engine.metrics.tasks_submitted.inc();
+                engine.clear_pause();
+                let submitted_at_ms = now_ms();
+                let saved = engine.store.transition(key, |r| {
+                    r.state = RowState::Running;
+                    r.task_id = Some(task_id.clone());
+                    r.submitted_at_ms = Some(submitted_at_ms);
+                    Ok(())
+                });
+                if let Err(e) = saved {
+                    tracing::error!(batch = %batch, row = %record.id, task_id, error = %e, "cannot record the task id");
+                }
+                if let Err(e) = engine.store.flush().await {
+                    tracing::error!(batch = %batch, row = %record.id, task_id, error = %e, "cannot flush the task id");
+                }
+                tracing::info!(batch = %batch, row = %record.id, task_id, "submitted");
+                let _ = engine.poller.send(PollCmd::Track {
+                    key,
+                    task_id,
+                    submitted_at_ms,
+                    slot: Some(slot),
+                });
+                return;
+            }
+            Err(e) => {
+                if let Some(reason) = e.pause_reason() {
+                    engine.metrics.request("submit", "paused");
+                    engine.set_pause(reason);
+                    requeue(&engine, key, &record.id, &batch);
+                    return;
+                }
+                if e.is_rate_limit() {
+                    engine.metrics.request("submit", "rate_limited");
+                    engine.metrics.rate_limited.inc();
+                    let wait = e.retry_after().unwrap_or(Duration::from_secs(2));
+                    engine.budget.hold(wait);
+                    tracing::warn!(batch = %batch, row = %record.id, wait = ?wait, "rate limited (429) on submit; waiting");
+                    continue;
+                }
+                if e.is_transient() {
+                    engine.metrics.request("submit", "transient");
+                    let wait =
+                        backoff(attempt, Duration::from_millis(500), Duration::from_secs(60));
+                    tracing::warn!(batch = %batch, row = %record.id, error = %e, retry_in = ?wait, "submit failed; retrying");
+                    if !sleep_or_stop(&engine, wait).await {
+                        return;
+                    }
+                    continue;
+                }
+                engine.metrics.request("submit", "refused");
+                let msg = match &e {
+                    ApiError::Refused { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                if let Err(se) = engine.fail_row(key, &e.fail_code(), &msg) {
+                    tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record a refused row");
+                }
+                return;
+            }
+        }
+    }
+}
+
+fn requeue(engine: &Engine, key: RowKey, id: &str, batch: &str) {
+    let result = engine.store.transition(key, |r| {
+        r.state = RowState::Queued;
+        Ok(())
+    });
+    if let Err(e) = result {
+        tracing::error!(batch, row = id, error = %e, "cannot queue a row again");
+    }
+    engine.work.notify_one();
+}
+
+// ---------------------------------------------------------------------------
+// Polling
+
+struct Tracked {
+    task_id: String,
+    submitted: Instant,
+    polls: u32,
+    errors: u32,
+    last_poll: Option<Instant>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+enum PollResult {
+    /// Still running (or the answer was not usable): poll again after the delay.
+    Again {
+        errors: bool,
+        wait: Option<Duration>,
+    },
+    /// Seen finished: success or failure recorded.
+    Ended { took: Duration },
+    /// The row is no longer ours to poll (state changed elsewhere).
+    Dropped,
+}
+
+/// Follows every task to its end at the pace the model suggests.
+pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<PollCmd>) {
+    let settings = engine.settings.clone();
+    let mut model = PollModel::new(settings.poll_min, settings.poll_max);
+    let mut tasks: HashMap<RowKey, Tracked> = HashMap::new();
+    let mut due: BTreeSet<(Instant, RowKey)> = BTreeSet::new();
+    let mut next_at: HashMap<RowKey, Instant> = HashMap::new();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(RowKey, PollResult)>();
+    let wire = Arc::new(Semaphore::new(POLLS_IN_FLIGHT));
+    let callback_mode = engine.callback_url.is_some();
+
+    let schedule = |due: &mut BTreeSet<(Instant, RowKey)>,
+                    next_at: &mut HashMap<RowKey, Instant>,
+                    key: RowKey,
+                    at: Instant| {
+        if let Some(old) = next_at.insert(key, at) {
+            due.remove(&(old, key));
+        }
+        due.insert((at, key));
+    };
+    let plan = |model: &PollModel, t: &Tracked| -> Duration {
+        if callback_mode {
+            // Callbacks say when; polls are only the safety net.
+            settings.poll_max
+        } else {
+            model.next_delay(t.submitted.elapsed())
+        }
+    };
+
+    loop {
+        engine
+            .in_flight
+            .store(tasks.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        engine.metrics.tasks_in_flight.set(tasks.len() as i64);
+        let next_due = due.first().map(|(at, _)| *at);
+        tokio::select! {
+            () = engine.shutdown.cancelled() => break,
+            cmd = cmds.recv() => match cmd {
+                None => break,
+                Some(PollCmd::Track { key, task_id, submitted_at_ms, slot }) => {
+                    let age = Duration::from_millis(now_ms().saturating_sub(submitted_at_ms));
+                    let submitted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
+                    let t = Tracked { task_id: task_id.clone(), submitted, polls: 0, errors: 0, last_poll: None, _slot: slot };
+                    let at = Instant::now() + plan(&model, &t);
+                    engine.track(&task_id, Some(key));
+                    tasks.insert(key, t);
+                    schedule(&mut due, &mut next_at, key, at);
+                }
+                Some(PollCmd::Hint { task_id }) => {
+                    if let Some(key) = engine.tracked_task(&task_id) {
+                        let recent = tasks.get(&key).and_then(|t| t.last_poll).is_some_and(|p| p.elapsed() < Duration::from_millis(200));
+                        if next_at.contains_key(&key) && !recent {
+                            schedule(&mut due, &mut next_at, key, Instant::now());
+                        }
+                    }
+                }
+            },
+            done = done_rx.recv() => {
+                let Some((key, result)) = done else { break };
+                match result {
+                    PollResult::Again { errors, wait } => {
+                        if let Some(t) = tasks.get_mut(&key) {
+                            t.errors = if errors { t.errors + 1 } else { 0 };
+                            let delay = match wait {
+                                Some(w) => w,
+                                None if t.errors > 0 => backoff(t.errors, settings.poll_min, settings.poll_max.max(Duration::from_secs(60))),
+                                None => plan(&model, t),
+                            };
+                            schedule(&mut due, &mut next_at, key, Instant::now() + delay);
+                        }
+                    }
+                    PollResult::Ended { took } => {
+                        if let Some(t) = tasks.remove(&key) {
+                            engine.track(&t.task_id, None);
+                            engine.metrics.polls_per_task.observe(f64::from(t.polls));
+                        }
+                        let was_trained = model.is_trained();
+                        model.observe(took);
+                        if !was_trained && model.is_trained() {
+                            // The first real durations: re-plan every waiting task.
+                            let keys: Vec<RowKey> = next_at.keys().copied().collect();
+                            for k in keys {
+                                if let Some(t) = tasks.get(&k) {
+                                    let at = t.last_poll.unwrap_or(t.submitted) + plan(&model, t);
+                                    schedule(&mut due, &mut next_at, k, at.max(Instant::now()));
+                                }
+                            }
+                        }
+                        engine.work.notify_one();
+                    }
+                    PollResult::Dropped => {
+                        if let Some(t) = tasks.remove(&key) {
+                            engine.track(&t.task_id, None);
+                        }
+                    }
+                }
+            },
+            () = sleep_until_opt(next_due) => {
+                let now = Instant::now();
+                while let Some((at, key)) = due.first().copied() {
+                    if at > now {
+                        break;
+                    }
+                    due.remove(&(at, key));
+                    next_at.remove(&key);
+                    let Some(t) = tasks.get_mut(&key) else { continue };
+                    t.polls += 1;
+                    t.last_poll = Some(now);
+                    let task_id = t.task_id.clone();
+                    let submitted = t.submitted;
+                    let engine2 = engine.clone();
+                    let wire2 = wire.clone();
+                    let tx = done_tx.clone();
+                    engine.tracker.spawn(async move {
+                        let result = tokio::select! {
+                            r = poll_task(&engine2, &wire2, key, &task_id, submitted) => r,
+                            () = engine2.shutdown.cancelled() => return,
+                        };
+                        let _ = tx.send((key, result));
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// One status query and what follows from its answer.
+async fn poll_task(
+    engine: &Arc<Engine>,
+    wire: &Semaphore,
+    key: RowKey,
+    task_id: &str,
+    submitted: Instant,
+) -> PollResult {
+    let Ok(_permit) = wire.acquire().await else {
+        return PollResult::Dropped;
+    };
+    engine.budget.acquire(Class::Poll).await;
+    let status = match engine.api.status(task_id).await {
+        Ok(status) => status,
+        Err(e) => return poll_error(engine, key, task_id, &e),
+    };
+    engine.metrics.request("status", "ok");
+    if engine.paused() == Some(PauseReason::Unauthorized) {
+        // The key works again for reads: let submission try again.
+        engine.clear_pause();
+    }
+    match status.state {
+        TaskState::Pending | TaskState::Processing => PollResult::Again {
+            errors: false,
+            wait: None,
+        },
+        TaskState::Success | TaskState::Failed => {
+            let took = submitted.elapsed();
+            engine.metrics.task_duration.observe(took.as_secs_f64());
+            if let Some(cost) = status.cost_time_ms {
+                let finished_about = Duration::from_millis(cost);
+                engine
+                    .metrics
+                    .detection_delay
+                    .observe(took.saturating_sub(finished_about).as_secs_f64());
+            }
+            match task_ended(engine, key, task_id, &status) {
+                Ok(true) => PollResult::Ended { took },
+                Ok(false) => PollResult::Dropped,
+                Err(e) => {
+                    tracing::error!(task_id, error = %e, "cannot record a finished task; will poll again");
+                    PollResult::Again {
+                        errors: true,
+                        wait: None,
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn poll_error(engine: &Engine, key: RowKey, task_id: &str, e: &ApiError) -> PollResult {
+    let batch = engine.batch_name(key.batch);
+    if let Some(reason) = e.pause_reason() {
+        engine.metrics.request("status", "paused");
+        engine.set_pause(reason);
+        return PollResult::Again {
+            errors: true,
+            wait: None,
+        };
+    }
+    if e.is_rate_limit() {
+        engine.metrics.request("status", "rate_limited");
+        engine.metrics.rate_limited.inc();
+        let wait = e.retry_after().unwrap_or(Duration::from_secs(2));
+        engine.budget.hold(wait);
+        tracing::warn!(batch = %batch, task_id, "rate limited (429) on status; waiting");
+        return PollResult::Again {
+            errors: false,
+            wait: Some(wait),
+        };
+    }
+    engine.metrics.request(
+        "status",
+        if e.is_transient() {
+            "transient"
+        } else {
+            "refused"
+        },
+    );
+    tracing::warn!(batch = %batch, task_id, error = %e, "status query failed; will ask again");
+    PollResult::Again {
+        errors: true,
+        wait: None,
+    }
+}
+
+/// Records what a finished task means for its row. False when the row had
+/// already moved on (a duplicate answer).
+pub fn task_ended(
+    engine: &Arc<Engine>,
+    key: RowKey,
+    task_id: &str,
+    status: &TaskStatus,
+) -> Result<bool, StoreError> {
+    let Some(record) = engine.store.row(key)? else {
+        return Ok(false);
+    };
+    if record.state != RowState::Running || record.task_id.as_deref() != Some(task_id) {
+        return Ok(false);
+    }
+    let batch = engine.batch_name(key.batch);
+    if status.state == TaskState::Success {
+        let urls = status.result_urls.clone();
+        engine.store.transition(key, |r| {
+            r.state = RowState::Downloading;
+            r.result_urls = urls.clone();
+            r.finished_at_ms = Some(now_ms());
+            r.cost_time_ms = status.cost_time_ms;
+            Ok(())
+        })?;
+        tracing::info!(batch = %batch, row = %record.id, task_id, videos = urls.len(), "task succeeded; downloading");
+        let _ = engine.downloads.send(key);
+        return Ok(true);
+    }
+    let code = status.fail_code.clone().unwrap_or_else(|| "UNKNOWN".into());
+    let msg = status.fail_msg.clone().unwrap_or_default();
+    let settings = &engine.settings;
+    let credits = code == INSUFFICIENT_CREDITS;
+    if credits {
+        engine.set_pause(PauseReason::InsufficientCredits);
+    }
+    let retryable = settings.retry_fail_codes.iter().any(|c| c == &code);
+    if retryable && (credits || record.resubmits < settings.max_resubmits) {
+        let requeued = engine.store.transition(key, |r| {
+            if let Some(old) = r.task_id.take() {
+                r.previous_tasks.push(old);
+            }
+            if !credits {
+                r.resubmits += 1;
+            }
+            r.state = RowState::Queued;
+            r.submitted_at_ms = None;
+            r.fail_code = Some(code.clone());
+            r.fail_msg = Some(msg.clone());
+            Ok(())
+        })?;
+        engine.metrics.resubmitted.inc();
+        tracing::warn!(
+            batch = %batch, row = %record.id, task_id, code = %code,
+            resubmission = requeued.resubmits, of = settings.max_resubmits,
+            "task failed on the service's side; the row will be submitted again as a new task"
+        );
+        engine.work.notify_one();
+        return Ok(true);
+    }
+    let failed = engine.store.transition(key, |r| {
+        r.state = RowState::Failed;
+        r.fail_code = Some(code.clone());
+        r.fail_msg = Some(msg.clone());
+        Ok(())
+    })?;
+    tracing::warn!(batch = %batch, row = %failed.id, task_id, code = %code, msg = %msg, "task failed");
+    engine.row_ended(key.batch);
+    Ok(true)
+}

@@ -1,0 +1,339 @@
+//! Downloads of finished tasks' videos into the batch folder.
+//!
+//! Each file streams into a hidden `.NAME.part` beside its final name,
+//! resumes with `Range` after a cut, is checked against the announced
+//! length, fsynced and only then renamed into place. A result URL that
+//! answers 403/404/410 has expired: the status endpoint is asked for fresh
+//! URLs before anything else. Failures never resubmit the task; a row fails
+//! only when its files stay out of reach for `download_give_up` after the
+//! task finished.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{Semaphore, mpsc};
+
+use crate::dispatch::budget::Class;
+use crate::dispatch::{Engine, backoff};
+use crate::fsutil;
+use crate::store::{RowKey, RowRecord, RowState, now_ms};
+
+/// Why one download attempt did not finish.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// The URL is no longer valid: ask for fresh ones.
+    #[error("result URL answered {0}")]
+    Expired(u16),
+    /// Network trouble, a 5xx, a body shorter than announced.
+    #[error("{0}")]
+    Transient(String),
+    /// Writing the file failed (disk full, permissions).
+    #[error("writing {path}: {source}")]
+    Disk {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The file name of result `index` (0-based) of row `id`.
+pub fn output_name(id: &str, index: usize) -> String {
+    if index == 0 {
+        format!("{id}.mp4")
+    } else {
+        format!("{id}-{}.mp4", index + 1)
+    }
+}
+
+/// Runs downloads as rows reach `downloading`, at most `max_downloads` at once.
+pub async fn download_loop(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<RowKey>) {
+    let slots = Arc::new(Semaphore::new(engine.settings.max_downloads as usize));
+    loop {
+        let key = tokio::select! {
+            () = engine.shutdown.cancelled() => break,
+            key = rx.recv() => match key { Some(k) => k, None => break },
+        };
+        let engine2 = engine.clone();
+        let slots = slots.clone();
+        engine.tracker.spawn(async move {
+            let Ok(_slot) = slots.acquire_owned().await else {
+                return;
+            };
+            tokio::select! {
+                () = download_row(&engine2, key) => {}
+                () = engine2.shutdown.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn download_row(engine: &Arc<Engine>, key: RowKey) {
+    let batch = engine.batch_name(key.batch);
+    let mut attempt = 0u32;
+    loop {
+        let record = match engine.store.row(key) {
+            Ok(Some(r)) if r.state == RowState::Downloading => r,
+            Ok(_) => return,
+            Err(e) => {
+                tracing::error!(batch = %batch, row = %key.row, error = %e, "cannot read the row to download");
+                return;
+            }
+        };
+        match fetch_all(engine, &batch, &record).await {
+            Ok(outputs) => {
+                let saved = engine.store.transition(key, |r| {
+                    r.state = RowState::Done;
+                    r.outputs = outputs.clone();
+                    Ok(())
+                });
+                match saved {
+                    Ok(_) => {
+                        tracing::info!(batch = %batch, row = %record.id, files = outputs.len(), "done");
+                        let _ = engine.finished.send(key.batch);
+                    }
+                    Err(e) => {
+                        tracing::error!(batch = %batch, row = %record.id, error = %e, "cannot record a finished download")
+                    }
+                }
+                return;
+            }
+            Err(e) => {
+                attempt += 1;
+                let finished = record.finished_at_ms.unwrap_or_else(now_ms);
+                let give_up_at =
+                    finished.saturating_add(engine.settings.download_give_up.as_millis() as u64);
+                if now_ms() >= give_up_at {
+                    let msg = format!(
+                        "videos could not be downloaded within {} of the task finishing: {e}",
+                        humantime::format_duration(engine.settings.download_give_up)
+                    );
+                    if let Err(se) = engine.fail_row(key, "DOWNLOAD_FAILED", &msg) {
+                        tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record a failed download");
+                    }
+                    return;
+                }
+                if let DownloadError::Expired(code) = e {
+                    tracing::info!(batch = %batch, row = %record.id, code, "result URL expired; asking for fresh URLs");
+                    refresh_urls(engine, key, &record).await;
+                    // A fresh URL deserves an immediate try.
+                    if attempt < 3 {
+                        continue;
+                    }
+                }
+                let wait = backoff(
+                    attempt,
+                    Duration::from_millis(500),
+                    Duration::from_secs(300),
+                );
+                tracing::warn!(batch = %batch, row = %record.id, error = %e, retry_in = ?wait, "download failed; will retry");
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// Asks the status endpoint for the task's current result URLs.
+async fn refresh_urls(engine: &Arc<Engine>, key: RowKey, record: &RowRecord) {
+    let Some(task_id) = record.task_id.as_deref() else {
+        return;
+    };
+    engine.budget.acquire(Class::Poll).await;
+    match engine.api.status(task_id).await {
+        Ok(status) if !status.result_urls.is_empty() => {
+            engine.metrics.request("status", "ok");
+            let urls = status.result_urls;
+            let saved = engine.store.transition(key, |r| {
+                r.result_urls = urls.clone();
+                Ok(())
+            });
+            if let Err(e) = saved {
+                tracing::error!(row = %record.id, error = %e, "cannot save fresh result URLs");
+            }
+        }
+        Ok(_) => engine.metrics.request("status", "ok"),
+        Err(e) => {
+            engine.metrics.request(
+                "status",
+                if e.is_rate_limit() {
+                    "rate_limited"
+                } else {
+                    "transient"
+                },
+            );
+            if e.is_rate_limit() {
+                engine
+                    .budget
+                    .hold(e.retry_after().unwrap_or(Duration::from_secs(2)));
+            }
+            tracing::warn!(row = %record.id, task_id, error = %e, "could not refresh result URLs");
+        }
+    }
+}
+
+async fn fetch_all(
+    engine: &Engine,
+    batch: &str,
+    record: &RowRecord,
+) -> Result<Vec<String>, DownloadError> {
+    let dir = engine.folders.batch_dir(batch);
+    let mut outputs = Vec::with_capacity(record.result_urls.len());
+    for (i, url) in record.result_urls.iter().enumerate() {
+        let name = output_name(&record.id, i);
+        let dest = dir.join(&name);
+        if !tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+            fetch_one(engine, url, &dest).await?;
+        }
+        outputs.push(name);
+    }
+    Ok(outputs)
+}
+
+/// Downloads `url` to `dest`, resuming a `.part` file left by an earlier try.
+pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), DownloadError> {
+    let part = fsutil::temp_path(dest, "part");
+    let disk = |source| DownloadError::Disk {
+        path: part.clone(),
+        source,
+    };
+    let have = match tokio::fs::metadata(&part).await {
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    };
+    let mut req = engine.http.get(url);
+    if have > 0 {
+        req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| DownloadError::Transient(crate::api::error_chain(&e)))?;
+    let status = resp.status().as_u16();
+    match status {
+        403 | 404 | 410 => {
+            engine.metrics.request("download", "expired");
+            return Err(DownloadError::Expired(status));
+        }
+        416 => {
+            // Our partial file is not a prefix of this one: start over.
+            let _ = tokio::fs::remove_file(&part).await;
+            return Err(DownloadError::Transient(
+                "range not satisfiable; restarting".into(),
+            ));
+        }
+        200 | 206 => {}
+        other => {
+            engine.metrics.request("download", "transient");
+            return Err(DownloadError::Transient(format!("HTTP {other}")));
+        }
+    }
+    let (start, total) = if status == 206 {
+        let range = resp
+            .headers()
+            .get(reqwest::header::CONTENT_RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_content_range);
+        match range {
+            Some((start, total)) if start == have => (start, total),
+            _ => {
+                let _ = tokio::fs::remove_file(&part).await;
+                return Err(DownloadError::Transient(
+                    "unexpected Content-Range; restarting".into(),
+                ));
+            }
+        }
+    } else {
+        (0, resp.content_length())
+    };
+    let mut file = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(start > 0)
+        .truncate(start == 0)
+        .open(&part)
+        .await
+        .map_err(disk)?;
+    let mut written = start;
+    let mut body = resp.bytes_stream();
+    let mut cut = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => {
+                file.write_all(&bytes).await.map_err(disk)?;
+                written += bytes.len() as u64;
+                engine.metrics.download_bytes.inc_by(bytes.len() as u64);
+            }
+            Err(e) => {
+                cut = Some(crate::api::error_chain(&e));
+                break;
+            }
+        }
+    }
+    file.flush().await.map_err(disk)?;
+    file.sync_all().await.map_err(disk)?;
+    drop(file);
+    if let Some(reason) = cut {
+        engine.metrics.request("download", "transient");
+        return Err(DownloadError::Transient(format!(
+            "cut after {written} bytes: {reason}"
+        )));
+    }
+    if let Some(total) = total {
+        if written != total {
+            engine.metrics.request("download", "transient");
+            return Err(DownloadError::Transient(format!(
+                "got {written} of {total} bytes"
+            )));
+        }
+    }
+    tokio::fs::rename(&part, dest)
+        .await
+        .map_err(|source| DownloadError::Disk {
+            path: dest.to_owned(),
+            source,
+        })?;
+    if let Some(dir) = dest.parent() {
+        fsutil::sync_dir(dir).map_err(|source| DownloadError::Disk {
+            path: dir.to_owned(),
+            source,
+        })?;
+    }
+    engine.metrics.request("download", "ok");
+    Ok(())
+}
+
+/// `bytes START-END/TOTAL` → (START, Some(TOTAL)).
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = if total.trim() == "*" {
+        None
+    } else {
+        Some(total.trim().parse().ok()?)
+    };
+    Some((start.trim().parse().ok()?, total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_the_contract() {
+        assert_eq!(output_name("r1", 0), "r1.mp4");
+        assert_eq!(output_name("r1", 1), "r1-2.mp4");
+    }
+
+    #[test]
+    fn parses_content_range() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/200"),
+            Some((100, Some(200)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+}

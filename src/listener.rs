@@ -1,0 +1,187 @@
+//! The HTTP listener: `GET /status`, `GET /metrics`, and the callback route.
+//!
+//! A callback is only a hint (guarantee 7): it makes the poller ask the
+//! status endpoint about that task at once, and the status answer decides.
+//! A callback with a wrong secret, for a task we do not follow, too large or
+//! not the documented envelope changes nothing.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use prometheus_client::registry::Registry;
+
+use crate::dispatch::{Engine, PollCmd};
+use crate::metrics::CallbackLabels;
+use crate::status::{self, Limits, Report};
+
+/// Largest callback body accepted.
+pub const MAX_CALLBACK_BYTES: usize = 64 * 1024;
+
+#[derive(Clone)]
+struct App {
+    engine: Arc<Engine>,
+    registry: Arc<Registry>,
+    secret: Arc<str>,
+}
+
+pub fn router(engine: Arc<Engine>, registry: Registry, secret: String) -> Router {
+    let app = App {
+        engine,
+        registry: Arc::new(registry),
+        secret: secret.into(),
+    };
+    Router::new()
+        .route("/status", get(status_handler))
+        .route("/metrics", get(metrics_handler))
+        .route("/callback/{secret}", post(callback_handler))
+        .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
+        .with_state(app)
+}
+
+/// The live report of a running daemon.
+pub fn live_report(engine: &Engine) -> Report {
+    let batches = match status::batches(&engine.store) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read batches for /status");
+            Vec::new()
+        }
+    };
+    Report {
+        live: true,
+        batches,
+        paused: engine.paused().map(|r| r.as_str().to_owned()),
+        limits: Some(Limits {
+            max_concurrent: engine.settings.max_concurrent,
+            max_requests_per_minute: engine.settings.max_requests_per_minute,
+        }),
+        tasks_in_flight: Some(engine.tasks_in_flight()),
+        requests_last_minute: Some(engine.budget.sent_in_window() as u64),
+        simulated: engine.settings.simulate,
+    }
+}
+
+async fn status_handler(State(app): State<App>) -> Response {
+    let engine = app.engine.clone();
+    match tokio::task::spawn_blocking(move || live_report(&engine)).await {
+        Ok(report) => axum::Json(report).into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn metrics_handler(State(app): State<App>) -> Response {
+    let mut text = String::new();
+    if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut text, &app.registry) {
+        tracing::error!(error = %e, "cannot encode metrics");
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    }
+    text.push_str(&store_metrics(&app.engine));
+    text.push_str("# EOF\n");
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
+}
+
+/// Rows by state and batches, read from the store at scrape time.
+fn store_metrics(engine: &Engine) -> String {
+    let Ok(batches) = engine.store.batches() else {
+        return String::new();
+    };
+    let mut by_state = [0u64; 6];
+    let mut active = 0u64;
+    let mut finished = 0u64;
+    for b in &batches {
+        match b.phase {
+            crate::store::BatchPhase::Active => active += 1,
+            crate::store::BatchPhase::Finished => finished += 1,
+            crate::store::BatchPhase::Ingesting => continue,
+        }
+        by_state[0] += b.queued();
+        by_state[1] += b.counts.submitting;
+        by_state[2] += b.counts.running;
+        by_state[3] += b.counts.downloading;
+        by_state[4] += b.counts.done;
+        by_state[5] += b.counts.failed;
+    }
+    let mut out =
+        String::from("# HELP infinitetalk_rows Rows by state.\n# TYPE infinitetalk_rows gauge\n");
+    for (state, n) in crate::store::RowState::ALL.iter().zip(by_state) {
+        out.push_str(&format!(
+            "infinitetalk_rows{{state=\"{}\"}} {n}\n",
+            state.as_str()
+        ));
+    }
+    out.push_str(
+        "# HELP infinitetalk_batches Batches by phase.\n# TYPE infinitetalk_batches gauge\n",
+    );
+    out.push_str(&format!(
+        "infinitetalk_batches{{phase=\"active\"}} {active}\n"
+    ));
+    out.push_str(&format!(
+        "infinitetalk_batches{{phase=\"finished\"}} {finished}\n"
+    ));
+    out.push_str("# HELP infinitetalk_submission_paused 1 while submission is paused.\n# TYPE infinitetalk_submission_paused gauge\n");
+    out.push_str(&format!(
+        "infinitetalk_submission_paused {}\n",
+        u8::from(engine.paused().is_some())
+    ));
+    out.push_str("# HELP infinitetalk_requests_in_window API requests sent in the last window.\n# TYPE infinitetalk_requests_in_window gauge\n");
+    out.push_str(&format!(
+        "infinitetalk_requests_in_window {}\n",
+        engine.budget.sent_in_window()
+    ));
+    out
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn callback_handler(
+    State(app): State<App>,
+    Path(secret): Path<String>,
+    body: Bytes,
+) -> Response {
+    let engine = &app.engine;
+    let count = |outcome: &'static str| {
+        engine
+            .metrics
+            .callbacks
+            .get_or_create(&CallbackLabels { outcome })
+            .inc()
+    };
+    if !constant_time_eq(secret.as_bytes(), app.secret.as_bytes()) {
+        count("bad_secret");
+        tracing::warn!("callback refused: wrong secret in its URL");
+        return (StatusCode::FORBIDDEN, "wrong callback secret").into_response();
+    }
+    let status = match crate::api::parse_status_envelope(&body) {
+        Ok(s) => s,
+        Err(e) => {
+            count("malformed");
+            tracing::warn!(error = %e, "callback refused: not the status envelope");
+            return (StatusCode::BAD_REQUEST, "not a task status envelope").into_response();
+        }
+    };
+    let Some(key) = engine.tracked_task(&status.task_id) else {
+        count("unknown_task");
+        tracing::warn!(task_id = %status.task_id, "callback refused: no such task in flight here");
+        return (StatusCode::NOT_FOUND, "unknown task").into_response();
+    };
+    count("accepted");
+    tracing::info!(batch = %engine.batch_name(key.batch), task_id = %status.task_id, "callback received; confirming with a status query");
+    let _ = engine.poller.send(PollCmd::Hint {
+        task_id: status.task_id,
+    });
+    (StatusCode::OK, "ok").into_response()
+}

@@ -1,0 +1,135 @@
+//! Counters and histograms the daemon keeps for `/metrics` and `/status`.
+//!
+//! Rows by state and batches are read from the store at scrape time; what is
+//! counted here is what the store does not know (requests, waits, bytes).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `submit`, `status` or `download`.
+    pub endpoint: &'static str,
+    /// `ok`, `rate_limited`, `transient`, `paused`, `refused`.
+    pub outcome: &'static str,
+}
+
+pub struct Metrics {
+    pub requests: Family<RequestLabels, Counter>,
+    pub rate_limited: Counter,
+    pub tasks_in_flight: Gauge,
+    pub tasks_submitted: Counter,
+    pub resubmitted: Counter,
+    /// Seconds between a task's completion (as the API reports) and our seeing it.
+    pub detection_delay: Histogram,
+    /// Seconds from submission to being seen finished.
+    pub task_duration: Histogram,
+    /// Polls each finished task needed.
+    pub polls_per_task: Histogram,
+    pub download_bytes: Counter,
+    pub callbacks: Family<CallbackLabels, Counter>,
+    polls_total: AtomicU64,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallbackLabels {
+    /// `accepted`, `bad_secret`, `unknown_task`, `malformed`.
+    pub outcome: &'static str,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            requests: Family::default(),
+            rate_limited: Counter::default(),
+            tasks_in_flight: Gauge::default(),
+            tasks_submitted: Counter::default(),
+            resubmitted: Counter::default(),
+            detection_delay: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
+            task_duration: Histogram::new(exponential_buckets(0.5, 2.0, 18)),
+            polls_per_task: Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0].into_iter()),
+            download_bytes: Counter::default(),
+            callbacks: Family::default(),
+            polls_total: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Metrics {
+    pub fn request(&self, endpoint: &'static str, outcome: &'static str) {
+        self.requests
+            .get_or_create(&RequestLabels { endpoint, outcome })
+            .inc();
+        if endpoint == "status" {
+            self.polls_total.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn polls_total(&self) -> u64 {
+        self.polls_total.load(Ordering::Relaxed)
+    }
+
+    /// Registers everything under the `infinitetalk_` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("infinitetalk");
+        r.register(
+            "api_requests",
+            "API requests by endpoint and outcome",
+            self.requests.clone(),
+        );
+        r.register(
+            "api_rate_limited",
+            "429 answers received",
+            self.rate_limited.clone(),
+        );
+        r.register(
+            "tasks_in_flight",
+            "Tasks submitted and not yet seen finished",
+            self.tasks_in_flight.clone(),
+        );
+        r.register(
+            "tasks_submitted",
+            "Tasks created by submits",
+            self.tasks_submitted.clone(),
+        );
+        r.register(
+            "rows_resubmitted",
+            "Rows resubmitted after a service-side failure or a crash mid-submit",
+            self.resubmitted.clone(),
+        );
+        r.register_with_unit(
+            "detection_delay",
+            "Delay between a task finishing and the daemon noticing it",
+            prometheus_client::registry::Unit::Seconds,
+            self.detection_delay.clone(),
+        );
+        r.register_with_unit(
+            "task_duration",
+            "Time from submission to the task being seen finished",
+            prometheus_client::registry::Unit::Seconds,
+            self.task_duration.clone(),
+        );
+        r.register(
+            "polls_per_task",
+            "Status polls each finished task needed",
+            self.polls_per_task.clone(),
+        );
+        r.register_with_unit(
+            "download",
+            "Bytes of video downloaded",
+            prometheus_client::registry::Unit::Bytes,
+            self.download_bytes.clone(),
+        );
+        r.register(
+            "callbacks",
+            "Callbacks received by outcome",
+            self.callbacks.clone(),
+        );
+    }
+}

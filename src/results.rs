@@ -1,0 +1,190 @@
+//! `OUTBOX/BATCH/results.csv`: written once, atomically, when every row of
+//! the batch has ended.
+//!
+//! The manifest's own cells are copied from the accepted `manifest.csv`
+//! unchanged, and joined in row order with the store's records.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+
+use crate::dispatch::Engine;
+use crate::fsutil;
+use crate::ingest::Folders;
+use crate::store::{BatchPhase, BatchRecord, BatchSeq, RowRecord, Store, StoreError};
+
+pub const RESULTS_NAME: &str = "results.csv";
+/// Columns added after the manifest's, in this order.
+pub const RESULT_COLUMNS: [&str; 7] = [
+    "state",
+    "task_id",
+    "output",
+    "fail_code",
+    "fail_msg",
+    "audio_seconds",
+    "cost_usd",
+];
+/// Added after the others for batches run against the built-in simulator.
+pub const SIMULATED_COLUMN: &str = "simulated";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Csv {
+        path: PathBuf,
+        #[source]
+        source: csv::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("row {row} of batch {batch} has no record although the batch ended")]
+    MissingRow { batch: String, row: u64 },
+}
+
+/// Writes `results.csv` of `batch` (whose rows have all ended).
+pub fn write_results(
+    store: &Store,
+    folders: &Folders,
+    batch: &BatchRecord,
+) -> Result<PathBuf, ResultsError> {
+    let manifest = folders.manifest_of(&batch.name);
+    let out = folders.batch_dir(&batch.name).join(RESULTS_NAME);
+    let csv_err = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ResultsError::Csv { path, source }
+    };
+    let mut reader = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_path(&manifest)
+        .map_err(csv_err(&manifest))?;
+    let header = reader.byte_headers().map_err(csv_err(&manifest))?.clone();
+    let mut records: Vec<(u64, RowRecord)> = Vec::new();
+    store.for_each_row(batch.seq, |key, record| {
+        records.push((key.row, record));
+        Ok(())
+    })?;
+    let mut records = records.into_iter().peekable();
+    let mut failure: Option<ResultsError> = None;
+    let written = fsutil::write_atomic_with(&out, |w| {
+        let mut writer = csv::Writer::from_writer(w);
+        let mut head: Vec<&[u8]> = header.iter().collect();
+        head.extend(RESULT_COLUMNS.iter().map(|c| c.as_bytes()));
+        if batch.simulated {
+            head.push(SIMULATED_COLUMN.as_bytes());
+        }
+        writer.write_record(&head).map_err(std::io::Error::other)?;
+        let mut index = 0u64;
+        for raw in reader.byte_records() {
+            let raw = raw.map_err(std::io::Error::other)?;
+            index += 1;
+            while records.peek().is_some_and(|(row, _)| *row < index) {
+                records.next();
+            }
+            let record = match records.peek() {
+                Some((row, _)) if *row == index => records.next().map(|(_, r)| r),
+                _ => None,
+            };
+            let Some(record) = record else {
+                failure = Some(ResultsError::MissingRow {
+                    batch: batch.name.clone(),
+                    row: index,
+                });
+                return Err(std::io::Error::other("missing row record"));
+            };
+            let mut fields: Vec<Vec<u8>> = raw.iter().map(<[u8]>::to_vec).collect();
+            fields.resize(header.len(), Vec::new());
+            fields.extend(
+                result_cells(&record, batch.simulated)
+                    .into_iter()
+                    .map(String::into_bytes),
+            );
+            writer
+                .write_record(&fields)
+                .map_err(std::io::Error::other)?;
+        }
+        writer.flush()
+    });
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    written.map_err(|source| ResultsError::Io {
+        path: out.clone(),
+        source,
+    })?;
+    Ok(out)
+}
+
+fn result_cells(record: &RowRecord, simulated: bool) -> Vec<String> {
+    let num =
+        |v: Option<f64>, digits: usize| v.map(|x| format!("{x:.digits$}")).unwrap_or_default();
+    let mut cells = vec![
+        record.state.as_str().to_owned(),
+        record.task_id.clone().unwrap_or_default(),
+        record.outputs.join(";"),
+        record
+            .fail_code
+            .clone()
+            .filter(|_| record.state.as_str() == "failed")
+            .unwrap_or_default(),
+        record
+            .fail_msg
+            .clone()
+            .filter(|_| record.state.as_str() == "failed")
+            .unwrap_or_default(),
+        num(record.audio_seconds, 2),
+        num(record.cost_usd, 4),
+    ];
+    if simulated {
+        cells.push("true".into());
+    }
+    cells
+}
+
+/// Writes `results.csv` for batches whose last row ended.
+pub async fn finish_loop(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<BatchSeq>) {
+    loop {
+        let seq = tokio::select! {
+            () = engine.shutdown.cancelled() => break,
+            seq = rx.recv() => match seq { Some(s) => s, None => break },
+        };
+        let batch = match engine.store.batch(seq) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(batch = seq, error = %e, "cannot read batch");
+                continue;
+            }
+        };
+        if batch.phase != BatchPhase::Active || !batch.all_rows_ended() {
+            continue;
+        }
+        let store = engine.store.clone();
+        let folders = engine.folders.clone();
+        let b = batch.clone();
+        let written =
+            tokio::task::spawn_blocking(move || write_results(&store, &folders, &b)).await;
+        match written {
+            Ok(Ok(path)) => {
+                if let Err(e) = engine.store.finish_batch(seq) {
+                    tracing::error!(batch = %batch.name, error = %e, "cannot mark batch finished");
+                    continue;
+                }
+                let _ = engine.store.flush().await;
+                tracing::info!(
+                    batch = %batch.name, done = batch.counts.done, failed = batch.counts.failed,
+                    results = %path.display(), "batch finished"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::error!(batch = %batch.name, error = %e, "cannot write results.csv; will retry when a row changes or at the next start")
+            }
+            Err(e) => tracing::error!(batch = %batch.name, error = %e, "results writer panicked"),
+        }
+    }
+}

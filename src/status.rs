@@ -1,0 +1,146 @@
+//! What `status` shows: per-batch progress, the pause reason and the limits,
+//! from the running daemon (`GET /status`) or read from the state folder.
+
+use serde::{Deserialize, Serialize};
+
+use crate::store::{BatchPhase, BatchRecord, Store, StoreError};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BatchStatus {
+    pub name: String,
+    pub phase: BatchPhase,
+    pub total: u64,
+    pub queued: u64,
+    pub in_flight: u64,
+    pub downloading: u64,
+    pub done: u64,
+    pub failed: u64,
+}
+
+impl From<&BatchRecord> for BatchStatus {
+    fn from(b: &BatchRecord) -> Self {
+        BatchStatus {
+            name: b.name.clone(),
+            phase: b.phase,
+            total: b.total_rows,
+            queued: b.queued(),
+            in_flight: b.counts.submitting + b.counts.running,
+            downloading: b.counts.downloading,
+            done: b.counts.done,
+            failed: b.counts.failed,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Limits {
+    pub max_concurrent: u32,
+    pub max_requests_per_minute: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// True when a running daemon answered; false when read from the store.
+    pub live: bool,
+    pub batches: Vec<BatchStatus>,
+    #[serde(default)]
+    pub paused: Option<String>,
+    #[serde(default)]
+    pub limits: Option<Limits>,
+    #[serde(default)]
+    pub tasks_in_flight: Option<u64>,
+    #[serde(default)]
+    pub requests_last_minute: Option<u64>,
+    #[serde(default)]
+    pub simulated: bool,
+}
+
+/// The batches as the store has them (ingesting ones left out).
+pub fn batches(store: &Store) -> Result<Vec<BatchStatus>, StoreError> {
+    Ok(store
+        .batches()?
+        .iter()
+        .filter(|b| b.phase != BatchPhase::Ingesting)
+        .map(BatchStatus::from)
+        .collect())
+}
+
+/// Reads the state folder of a daemon that is not running.
+pub fn from_store(store: &Store) -> Result<Report, StoreError> {
+    Ok(Report {
+        live: false,
+        batches: batches(store)?,
+        paused: None,
+        limits: None,
+        tasks_in_flight: None,
+        requests_last_minute: None,
+        simulated: false,
+    })
+}
+
+fn bar(done: u64, total: u64, width: usize) -> String {
+    let filled = if total == 0 {
+        width
+    } else {
+        ((done as f64 / total as f64) * width as f64).round() as usize
+    };
+    let filled = filled.min(width);
+    format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// A table a person reads at a glance.
+pub fn render(report: &Report) -> String {
+    let mut out = String::new();
+    let source = if report.live {
+        "daemon"
+    } else {
+        "state folder (daemon not running)"
+    };
+    out.push_str(&format!("source: {source}\n"));
+    if let Some(reason) = &report.paused {
+        out.push_str(&format!("SUBMISSION PAUSED: {reason}\n"));
+    }
+    if let (Some(l), Some(t), Some(r)) = (
+        &report.limits,
+        report.tasks_in_flight,
+        report.requests_last_minute,
+    ) {
+        out.push_str(&format!(
+            "tasks in flight: {t}/{}   requests in the last minute: {r}/{}\n",
+            l.max_concurrent, l.max_requests_per_minute
+        ));
+    }
+    let width = report
+        .batches
+        .iter()
+        .map(|b| b.name.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    out.push_str(&format!(
+        "{:<width$}  {:>8} {:>8} {:>9} {:>11} {:>8} {:>8}  progress\n",
+        "batch", "total", "queued", "in flight", "downloading", "done", "failed"
+    ));
+    for b in &report.batches {
+        out.push_str(&format!(
+            "{:<width$}  {:>8} {:>8} {:>9} {:>11} {:>8} {:>8}  {} {}\n",
+            b.name,
+            b.total,
+            b.queued,
+            b.in_flight,
+            b.downloading,
+            b.done,
+            b.failed,
+            bar(b.done + b.failed, b.total, 20),
+            if b.phase == BatchPhase::Finished {
+                "finished"
+            } else {
+                ""
+            }
+        ));
+    }
+    if report.batches.is_empty() {
+        out.push_str("(no batches yet)\n");
+    }
+    out
+}
