@@ -1,0 +1,209 @@
+//! The store keeps every flushed transition across a SIGKILL.
+//!
+//! The test re-runs its own binary as a child that walks rows through their
+//! states, flushing after each step and printing what it flushed; the parent
+//! kills it with SIGKILL part-way, reopens the database and checks that every
+//! row is at least where the child last said it was.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use infinitetalk_batch::manifest::{ManifestRow, ReadPosition};
+use infinitetalk_batch::spec::RowSpec;
+use infinitetalk_batch::store::{Begin, Claim, RowKey, RowState, Store};
+
+const ROWS: u64 = 300;
+const CHILD_ENV: &str = "STORE_CRASH_CHILD_DIR";
+
+fn row(index: u64) -> ManifestRow {
+    ManifestRow {
+        index,
+        line: index + 1,
+        id: format!("r{index}"),
+        spec: RowSpec {
+            image_url: format!("https://example.com/{index}.png"),
+            mask_url: None,
+            audio_url: format!("https://example.com/{index}.mp3"),
+            prompt: None,
+            resolution: None,
+            seed: None,
+            provider: None,
+        },
+        extra: Vec::new(),
+    }
+}
+
+fn rank(state: RowState) -> u8 {
+    match state {
+        RowState::Queued => 0,
+        RowState::Submitting => 1,
+        RowState::Running => 2,
+        RowState::Downloading => 3,
+        RowState::Done | RowState::Failed => 4,
+    }
+}
+
+/// The child's work: runs only when the parent starts this binary with CHILD_ENV.
+#[test]
+fn child_walks_rows_through_their_states() {
+    let Ok(dir) = std::env::var(CHILD_ENV) else {
+        return;
+    };
+    let store = Store::open(Path::new(&dir)).expect("open store");
+    let begin = store
+        .begin_batch(
+            "crash",
+            "0123",
+            ROWS,
+            Path::new("/nonexistent/crash.csv"),
+            &|_| true,
+        )
+        .expect("begin");
+    let Begin::Started(batch) = begin else {
+        panic!("unexpected duplicate")
+    };
+    store.activate_batch(batch.seq, false).expect("activate");
+    store.flush_blocking().expect("flush");
+    println!("ready {}", batch.seq);
+    for i in 1..=ROWS {
+        let key = RowKey {
+            batch: batch.seq,
+            row: i,
+        };
+        let next = ReadPosition {
+            byte: i * 10,
+            line: i + 2,
+            rows_read: i,
+        };
+        store
+            .mark_submitting(&[Claim::Fresh {
+                batch: batch.seq,
+                row: row(i),
+                next,
+            }])
+            .expect("claim");
+        store.flush_blocking().expect("flush");
+        println!("{i} submitting");
+        store
+            .transition(key, |r| {
+                r.state = RowState::Running;
+                r.task_id = Some(format!("task-{i}"));
+                Ok(())
+            })
+            .expect("run");
+        store.flush_blocking().expect("flush");
+        println!("{i} running");
+        store
+            .transition(key, |r| {
+                r.state = if i % 7 == 0 {
+                    RowState::Failed
+                } else {
+                    RowState::Done
+                };
+                Ok(())
+            })
+            .expect("end");
+        store.flush_blocking().expect("flush");
+        println!("{i} ended");
+    }
+    println!("finished");
+}
+
+#[test]
+fn every_flushed_transition_survives_sigkill() {
+    for round in 0..3u64 {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let exe = std::env::current_exe().expect("test binary");
+        let mut child = Command::new(exe)
+            .args([
+                "--exact",
+                "child_walks_rows_through_their_states",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(CHILD_ENV, dir.path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn child");
+        let stdout = child.stdout.take().expect("child stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let kill_after = 40 + round * 170;
+        let mut last: Vec<u8> = vec![0; ROWS as usize + 1];
+        let mut seen = 0u64;
+        let mut batch_seq = 0u64;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            let Some(Ok(line)) = lines.next() else { break };
+            // libtest may print "test NAME ... " on the same line first.
+            if let Some((_, seq)) = line.split_once("ready ") {
+                batch_seq = seq.trim().parse().expect("seq");
+                continue;
+            }
+            let mut parts = line.split_whitespace();
+            let (Some(i), Some(state)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            let Ok(i) = i.parse::<usize>() else { continue };
+            last[i] = match state {
+                "submitting" => 1,
+                "running" => 2,
+                _ => 4,
+            };
+            seen += 1;
+            if seen == kill_after {
+                child.kill().expect("SIGKILL");
+                break;
+            }
+        }
+        let _ = child.wait();
+        assert!(batch_seq > 0, "child never got ready");
+        assert!(seen >= kill_after, "child stopped early after {seen} steps");
+
+        let store = Store::open(dir.path()).expect("reopen after SIGKILL");
+        let batch = store.batch(batch_seq).expect("batch survives");
+        for i in 1..=ROWS {
+            let record = store
+                .row(RowKey {
+                    batch: batch_seq,
+                    row: i,
+                })
+                .expect("read row");
+            let flushed = last[i as usize];
+            let found = record.as_ref().map_or(0, |r| rank(r.state));
+            assert!(
+                found >= flushed,
+                "round {round}: row {i} was flushed at rank {flushed}, found {found}"
+            );
+            if found >= 2 {
+                let task = record.and_then(|r| r.task_id);
+                assert_eq!(task, Some(format!("task-{i}")), "row {i} lost its task id");
+            }
+        }
+        // Counters moved in the same transactions as the rows.
+        let records: u64 = [
+            RowState::Submitting,
+            RowState::Running,
+            RowState::Done,
+            RowState::Failed,
+        ]
+        .iter()
+        .map(|s| store.rows_in_state(*s, usize::MAX).expect("index").len() as u64)
+        .sum();
+        let counted = batch.counts.submitting
+            + batch.counts.running
+            + batch.counts.done
+            + batch.counts.failed;
+        assert_eq!(
+            records, counted,
+            "round {round}: index and counters disagree"
+        );
+        assert_eq!(
+            batch.cursor.map_or(0, |c| c.rows_read),
+            records,
+            "cursor matches claimed rows"
+        );
+    }
+}
