@@ -280,13 +280,11 @@ pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), Do
             "cut after {written} bytes: {reason}"
         )));
     }
-    if let Some(total) = total {
-        if written != total {
-            engine.metrics.request("download", "transient");
-            return Err(DownloadError::Transient(format!(
-                "got {written} of {total} bytes"
-            )));
-        }
+    if let Some(total) = total.filter(|t| written != *t) {
+        engine.metrics.request("download", "transient");
+        return Err(DownloadError::Transient(format!(
+            "got {written} of {total} bytes"
+        )));
     }
     tokio::fs::rename(&part, dest)
         .await

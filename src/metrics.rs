@@ -53,7 +53,7 @@ impl Default for Metrics {
             resubmitted: Counter::default(),
             detection_delay: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
             task_duration: Histogram::new(exponential_buckets(0.5, 2.0, 18)),
-            polls_per_task: Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0].into_iter()),
+            polls_per_task: Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0]),
             download_bytes: Counter::default(),
             callbacks: Family::default(),
             polls_total: AtomicU64::new(0),

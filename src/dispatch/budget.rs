@@ -164,11 +164,9 @@ impl RequestBudget {
                 continue;
             }
             let hold = *self.hold_until.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(until) = hold {
-                if until > Instant::now() {
-                    tokio::time::sleep_until(until.into()).await;
-                    continue;
-                }
+            if let Some(until) = hold.filter(|u| *u > Instant::now()) {
+                tokio::time::sleep_until(until.into()).await;
+                continue;
             }
             self.gcra.until_ready().await;
             match self.try_take() {

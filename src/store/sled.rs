@@ -384,7 +384,7 @@ impl Store {
                                 batch: *batch,
                                 row: row.index,
                             };
-                            if rows.get(&row_key(key))?.is_some() {
+                            if rows.get(row_key(key))?.is_some() {
                                 return Err(abort(StoreError::WrongState {
                                     key,
                                     found: "already claimed",
@@ -522,7 +522,7 @@ impl Store {
 
 fn tx_row(rows: &TransactionalTree, key: RowKey) -> TxResult<RowRecord> {
     let bytes = rows
-        .get(&row_key(key))?
+        .get(row_key(key))?
         .ok_or_else(|| abort(StoreError::NoRow(key)))?;
     decode("row", &bytes).map_err(abort)
 }
