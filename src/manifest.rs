@@ -141,7 +141,7 @@ pub fn validate_path(path: &Path) -> Result<Summary, ManifestError> {
             problems.push(
                 1,
                 WHOLE_FILE,
-                "the file is empty; a manifest needs a header row and at least one data row",
+                "the file has no header row and no data rows; a manifest needs both",
             );
             return Err(invalid(path, problems));
         }
@@ -1157,5 +1157,739 @@ impl<R: Read> Read for HashingReader<R> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const HEADER: &str = "image_url,audio_url\n";
+    const ROW: &str = "https://x.test/a.png,https://x.test/a.mp3\n";
+
+    fn file(bytes: &[u8]) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().expect("temp file");
+        f.write_all(bytes).expect("write");
+        f.flush().expect("flush");
+        f
+    }
+
+    fn problems(bytes: &[u8]) -> Vec<String> {
+        let f = file(bytes);
+        match validate_path(f.path()) {
+            Err(ManifestError::Invalid { problems, .. }) => {
+                problems.iter().map(ToString::to_string).collect()
+            }
+            other => panic!("expected problems, got {other:?}"),
+        }
+    }
+
+    fn summary(bytes: &[u8]) -> Summary {
+        let f = file(bytes);
+        validate_path(f.path()).expect("valid manifest")
+    }
+
+    /// One problem expected: the manifest breaks exactly one rule.
+    fn one_problem(bytes: &[u8]) -> String {
+        let mut list = problems(bytes);
+        assert_eq!(list.len(), 1, "{list:#?}");
+        list.remove(0)
+    }
+
+    /// A manifest with the required columns and `cells` in column `column`.
+    fn with_column(column: &str, cell: &str) -> String {
+        format!("image_url,audio_url,{column}\nhttps://x.test/a.png,https://x.test/a.mp3,{cell}\n")
+    }
+
+    fn read_all(path: &Path, from: Option<ReadPosition>) -> Vec<(ManifestRow, ReadPosition)> {
+        let mut reader = RowReader::open(path, from).expect("open");
+        let mut rows = Vec::new();
+        while let Some(item) = reader.next_row().expect("row") {
+            rows.push(item);
+        }
+        rows
+    }
+
+    fn sha_hex(bytes: &[u8]) -> String {
+        hex(&Sha256::digest(bytes))
+    }
+
+    const QUIRKY: &[u8] = b"\xef\xbb\xbf Id ,IMAGE_URL , audio_url,Mask_Url,prompt,resolution,seed,provider,Note,client ref\r\n\
+a-1,  https://x.test/a.png  ,https://x.test/a.mp3,,\"Hello, \"\"world\"\"\r\nsecond line\",720p,-1,auto,  first ,c1\r\n\
+\r\n\
+,http://x.test/b.png,https://x.test/b.wav,https://x.test/m.png,,480p, 42 ,value,\"multi\nline note\",\r\n\
+z.9_Z,https://x.test/c.png,https://x.test/c.m4a,,   ,,2147483647,official,,c3\r\n";
+
+    #[test]
+    fn every_column_and_quirk_validates() {
+        let s = summary(QUIRKY);
+        assert_eq!(s.rows, 3);
+        assert_eq!(
+            s.by_resolution,
+            BTreeMap::from([
+                (None, 1),
+                (Some(Resolution::P480), 1),
+                (Some(Resolution::P720), 1)
+            ])
+        );
+        assert_eq!(s.sha256, sha_hex(QUIRKY));
+        assert_eq!(s.extra_columns, vec!["Note", "client ref"]);
+        let cost = s.min_cost_usd(&RowDefaults::default());
+        assert!((cost - (0.15 + 0.15 + 0.30)).abs() < 1e-9);
+    }
+
+    #[test]
+    fn every_column_and_quirk_reads_back() {
+        let f = file(QUIRKY);
+        let mut reader = RowReader::open(f.path(), None).expect("open");
+        assert_eq!(reader.extra_columns(), ["Note", "client ref"]);
+        let mut rows = Vec::new();
+        while let Some(item) = reader.next_row().expect("row") {
+            rows.push(item);
+        }
+        assert_eq!(rows.len(), 3);
+        let (r1, p1) = &rows[0];
+        assert_eq!((r1.index, r1.line, r1.id.as_str()), (1, 2, "a-1"));
+        assert_eq!(
+            r1.spec,
+            RowSpec {
+                image_url: "https://x.test/a.png".into(),
+                mask_url: None,
+                audio_url: "https://x.test/a.mp3".into(),
+                prompt: Some("Hello, \"world\"\r\nsecond line".into()),
+                resolution: Some(Resolution::P720),
+                seed: Some(-1),
+                provider: Some(Provider::Auto),
+            }
+        );
+        assert_eq!(r1.extra, vec!["first", "c1"]);
+        assert_eq!((p1.line, p1.rows_read), (5, 1));
+        let (r2, p2) = &rows[1];
+        assert_eq!((r2.index, r2.line, r2.id.as_str()), (2, 5, "2"));
+        assert_eq!(r2.spec.mask_url.as_deref(), Some("https://x.test/m.png"));
+        assert_eq!(r2.spec.prompt, None);
+        assert_eq!(r2.spec.seed, Some(42));
+        assert_eq!(r2.spec.provider, Some(Provider::Value));
+        assert_eq!(r2.extra, vec!["multi\nline note", ""]);
+        assert_eq!((p2.line, p2.rows_read), (7, 2));
+        let (r3, p3) = &rows[2];
+        assert_eq!((r3.index, r3.line, r3.id.as_str()), (3, 7, "z.9_Z"));
+        assert_eq!(r3.spec.prompt, None);
+        assert_eq!(r3.spec.resolution, None);
+        assert_eq!(r3.spec.seed, Some(MAX_SEED));
+        assert_eq!(r3.spec.provider, Some(Provider::Official));
+        assert_eq!(r3.extra, vec!["", "c3"]);
+        assert_eq!(p3.byte, QUIRKY.len() as u64);
+        assert_eq!((p3.line, p3.rows_read), (8, 3));
+    }
+
+    #[test]
+    fn resuming_at_any_saved_position_reads_the_same_rows() {
+        let mut quirky_more = QUIRKY.to_vec();
+        quirky_more.extend_from_slice(
+            "x,https://x.test/d.png,https://x.test/d.mp3,,,,,,,\n\n  \nlast,https://x.test/e.png,https://x.test/e.mp3,,\"p\rq\",,,,,"
+                .as_bytes(),
+        );
+        for bytes in [QUIRKY, quirky_more.as_slice()] {
+            let f = file(bytes);
+            let whole = read_all(f.path(), None);
+            for (k, (_, pos)) in whole.iter().enumerate() {
+                let rest = read_all(f.path(), Some(*pos));
+                assert_eq!(rest.as_slice(), &whole[k + 1..]);
+            }
+            // Piecewise: reopen after every row.
+            let mut pos = None;
+            let mut pieces = Vec::new();
+            loop {
+                let mut reader = RowReader::open(f.path(), pos).expect("open");
+                match reader.next_row().expect("row") {
+                    Some((row, next)) => {
+                        pieces.push((row, next));
+                        pos = Some(next);
+                    }
+                    None => break,
+                }
+            }
+            assert_eq!(pieces, whole);
+        }
+        let f = file(&quirky_more);
+        let ids: Vec<_> = read_all(f.path(), None)
+            .into_iter()
+            .map(|(r, _)| (r.id, r.line))
+            .collect();
+        assert_eq!(ids.len(), 5);
+        assert_eq!(ids[4], ("last".to_owned(), 11));
+    }
+
+    #[test]
+    fn a_row_starting_with_a_byte_order_mark_reads_the_same_when_resumed() {
+        let text = "\u{feff}prompt,image_url,audio_url\n\
+            a,https://x.test/a.png,https://x.test/a.mp3\n\
+            \u{feff}b,https://x.test/a.png,https://x.test/a.mp3\n";
+        let f = file(text.as_bytes());
+        let whole = read_all(f.path(), None);
+        assert_eq!(whole[1].0.spec.prompt.as_deref(), Some("\u{feff}b"));
+        assert_eq!(read_all(f.path(), Some(whole[0].1)), &whole[1..]);
+    }
+
+    #[test]
+    fn empty_file_is_rejected() {
+        assert_eq!(
+            one_problem(b""),
+            "line 1: column -: the file has no header row and no data rows; a manifest needs both"
+        );
+        assert_eq!(
+            one_problem(b"\r\n\n\n"),
+            "line 1: column -: the file has no header row and no data rows; a manifest needs both"
+        );
+        assert_eq!(
+            one_problem(b"\xef\xbb\xbf"),
+            "line 1: column -: the file has no header row and no data rows; a manifest needs both"
+        );
+    }
+
+    #[test]
+    fn header_only_is_rejected() {
+        assert_eq!(
+            one_problem(HEADER.as_bytes()),
+            "line 1: column -: no data rows under the header"
+        );
+        // Blank lines, lines of spaces and rows of empty cells are not rows.
+        assert_eq!(
+            one_problem(b"image_url,audio_url\r\n\r\n   \n,\n , \n"),
+            "line 1: column -: no data rows under the header"
+        );
+    }
+
+    #[test]
+    fn missing_required_column_cites_line_1() {
+        assert_eq!(
+            one_problem(b"image_url,prompt\nhttps://x.test/a.png,hi\n"),
+            "line 1: column audio_url: the header has no audio_url column; it is required"
+        );
+        assert_eq!(
+            problems(b"id\n1\n"),
+            vec![
+                "line 1: column image_url: the header has no image_url column; it is required",
+                "line 1: column audio_url: the header has no audio_url column; it is required",
+            ]
+        );
+    }
+
+    #[test]
+    fn duplicate_column_names_are_rejected() {
+        assert_eq!(
+            one_problem(
+                format!(
+                    "image_url,audio_url,Image_URL \n{}",
+                    ROW.replace('\n', ",x\n")
+                )
+                .as_bytes()
+            ),
+            "line 1: column image_url: the header names this column twice (column names ignore case)"
+        );
+        assert_eq!(
+            one_problem(
+                b"image_url,audio_url,Note,NOTE\nhttps://x.test/a.png,https://x.test/a.mp3,a,b\n"
+            ),
+            "line 1: column NOTE: the header names this column twice (column names ignore case)"
+        );
+    }
+
+    #[test]
+    fn blank_column_name_is_rejected() {
+        assert_eq!(
+            one_problem(b"image_url,audio_url, \nhttps://x.test/a.png,https://x.test/a.mp3,x\n"),
+            "line 1: column -: column 3 of the header has no name; name it or remove it"
+        );
+    }
+
+    #[test]
+    fn column_names_ignore_case_order_and_spaces() {
+        let s = summary(b" Audio_URL ,IMAGE_url\nhttps://x.test/a.mp3,https://x.test/a.png\n");
+        assert_eq!(s.rows, 1);
+        assert!(s.extra_columns.is_empty());
+    }
+
+    #[test]
+    fn byte_order_mark_is_not_part_of_the_first_name() {
+        let f = file(
+            b"\xef\xbb\xbfid,image_url,audio_url\nabc,https://x.test/a.png,https://x.test/a.mp3\n",
+        );
+        let rows = read_all(f.path(), None);
+        assert_eq!(rows[0].0.id, "abc");
+        assert!(
+            validate_path(f.path())
+                .expect("valid")
+                .extra_columns
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn wrong_number_of_cells_is_rejected() {
+        let text = format!("{HEADER}{ROW}https://x.test/a.png,https://x.test/a.mp3,extra\n");
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 3: column -: the row has 3 cells but the header has 2"
+        );
+        let text = format!("{HEADER}https://x.test/a.png\n");
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 2: column -: the row has 1 cells but the header has 2"
+        );
+    }
+
+    #[test]
+    fn quote_left_open_is_hinted() {
+        let text = format!("{HEADER}\"https://x.test/a.png,https://x.test/a.mp3\n{ROW}{ROW}");
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 2: column -: the row has 1 cells but the header has 2 (is a quote left open?)"
+        );
+    }
+
+    #[test]
+    fn invalid_ids_are_rejected() {
+        let cases = [
+            ("a b", "\"a b\" has the character ' ', not allowed in an id"),
+            (".hidden", "\".hidden\" starts with \".\""),
+            ("x/y", "\"x/y\" has the character '/', not allowed in an id"),
+            ("é", "\"é\" has the character 'é', not allowed in an id"),
+        ];
+        for (id, what) in cases {
+            assert_eq!(
+                one_problem(with_column("id", id).as_bytes()),
+                format!(
+                    "line 2: column id: {what}; use 1 to 128 of A-Z a-z 0-9 . _ - not starting with \".\""
+                )
+            );
+        }
+        let long = "a".repeat(129);
+        assert_eq!(
+            one_problem(with_column("id", &long).as_bytes()),
+            format!(
+                "line 2: column id: \"{}\"… is too long for an id (129 characters); use 1 to 128 of A-Z a-z 0-9 . _ - not starting with \".\"",
+                "a".repeat(60)
+            )
+        );
+        summary(with_column("id", &"a".repeat(128)).as_bytes());
+        summary(with_column("id", "A-z_0.9").as_bytes());
+    }
+
+    #[test]
+    fn duplicate_ids_cite_the_first_line() {
+        let text = "id,image_url,audio_url\n\
+            a,https://x.test/a.png,https://x.test/a.mp3\n\
+            \n\
+            b,https://x.test/a.png,https://x.test/a.mp3\n\
+            a,https://x.test/a.png,https://x.test/a.mp3\n";
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 5: column id: \"a\" is already the id of the row on line 2; ids must be unique"
+        );
+    }
+
+    #[test]
+    fn default_ids_take_part_in_uniqueness() {
+        // Explicit "3" first, then the third row's default id.
+        let text = "id,image_url,audio_url\n\
+            3,https://x.test/a.png,https://x.test/a.mp3\n\
+            ,https://x.test/a.png,https://x.test/a.mp3\n\
+            ,https://x.test/a.png,https://x.test/a.mp3\n";
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 4: column id: the default id \"3\" (this row's number) is already the id of the row on line 2; ids must be unique"
+        );
+        // A default first, then the same id written out.
+        let text = "id,image_url,audio_url\n\
+            ,https://x.test/a.png,https://x.test/a.mp3\n\
+            1,https://x.test/a.png,https://x.test/a.mp3\n";
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 3: column id: \"1\" is already the id of the row on line 2; ids must be unique"
+        );
+    }
+
+    #[test]
+    fn ids_are_case_sensitive() {
+        let text = "id,image_url,audio_url\n\
+            a,https://x.test/a.png,https://x.test/a.mp3\n\
+            A,https://x.test/a.png,https://x.test/a.mp3\n";
+        assert_eq!(summary(text.as_bytes()).rows, 2);
+    }
+
+    #[test]
+    fn blank_required_url_is_rejected() {
+        assert_eq!(
+            one_problem(format!("{HEADER} ,https://x.test/a.mp3\n").as_bytes()),
+            "line 2: column image_url: is blank; an http or https URL is required"
+        );
+        assert_eq!(
+            one_problem(format!("{HEADER}https://x.test/a.png,\n").as_bytes()),
+            "line 2: column audio_url: is blank; an http or https URL is required"
+        );
+    }
+
+    #[test]
+    fn urls_must_be_http_or_https_with_a_host() {
+        let cases = [
+            (
+                "a.mp3",
+                "\"a.mp3\" is not an http or https URL (relative URL without a base)",
+            ),
+            (
+                "ftp://x.test/a.mp3",
+                "\"ftp://x.test/a.mp3\" is not an http or https URL (its scheme is ftp)",
+            ),
+            (
+                "https://",
+                "\"https://\" is not an http or https URL (empty host)",
+            ),
+            (
+                "file:///a.mp3",
+                "\"file:///a.mp3\" is not an http or https URL (its scheme is file)",
+            ),
+        ];
+        for (url, what) in cases {
+            assert_eq!(
+                one_problem(format!("{HEADER}https://x.test/a.png,{url}\n").as_bytes()),
+                format!("line 2: column audio_url: {what}")
+            );
+            assert_eq!(
+                one_problem(format!("{HEADER}{url},https://x.test/a.mp3\n").as_bytes()),
+                format!("line 2: column image_url: {what}")
+            );
+        }
+        summary(
+            format!("{HEADER}HTTP://X.test:8080/a%20b.png?x=1,http://127.0.0.1/a\n").as_bytes(),
+        );
+    }
+
+    #[test]
+    fn mask_url_is_optional_but_checked() {
+        summary(with_column("mask_url", " ").as_bytes());
+        assert_eq!(
+            one_problem(with_column("mask_url", "mask.png").as_bytes()),
+            "line 2: column mask_url: \"mask.png\" is not an http or https URL (relative URL without a base)"
+        );
+    }
+
+    #[test]
+    fn resolution_is_480p_or_720p() {
+        summary(with_column("resolution", " 480p ").as_bytes());
+        summary(with_column("resolution", "").as_bytes());
+        for bad in ["1080p", "720P", "480"] {
+            assert_eq!(
+                one_problem(with_column("resolution", bad).as_bytes()),
+                format!("line 2: column resolution: \"{bad}\" is not 480p or 720p")
+            );
+        }
+    }
+
+    #[test]
+    fn seed_is_minus_one_or_in_range() {
+        for good in ["-1", "0", "2147483647", "007"] {
+            summary(with_column("seed", good).as_bytes());
+        }
+        for bad in [
+            "abc",
+            "-2",
+            "2147483648",
+            "+5",
+            "1.5",
+            "99999999999999999999",
+            "-",
+        ] {
+            assert_eq!(
+                one_problem(with_column("seed", bad).as_bytes()),
+                format!(
+                    "line 2: column seed: \"{bad}\" is not -1 or an integer from 0 to 2147483647"
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn provider_is_auto_value_or_official() {
+        for good in ["auto", "value", "official", ""] {
+            summary(with_column("provider", good).as_bytes());
+        }
+        for bad in ["fast", "Auto"] {
+            assert_eq!(
+                one_problem(with_column("provider", bad).as_bytes()),
+                format!("line 2: column provider: \"{bad}\" is not auto, value or official")
+            );
+        }
+    }
+
+    #[test]
+    fn prompt_is_any_text() {
+        summary(
+            with_column("prompt", "\"anything, at all: \"\"quoted\"\"\n\tand more\"").as_bytes(),
+        );
+    }
+
+    #[test]
+    fn bytes_not_utf8_cite_their_line_and_column() {
+        // The bad byte is on the second line of a row that starts on line 3.
+        let mut text =
+            format!("image_url,audio_url,prompt\n{}", ROW.replace('\n', ",ok\n")).into_bytes();
+        text.extend_from_slice(
+            b"https://x.test/a.png,https://x.test/a.mp3,\"first\r\nsecond \xff\"\n",
+        );
+        assert_eq!(
+            one_problem(&text),
+            "line 4: column prompt: has bytes that are not UTF-8; a manifest must be UTF-8"
+        );
+        let text = b"image_url,audio_url,no\xe9\nhttps://x.test/a.png,https://x.test/a.mp3,x\n";
+        assert_eq!(
+            one_problem(text),
+            "line 1: column -: the name of column 3 has bytes that are not UTF-8; a manifest must be UTF-8"
+        );
+        let text = b"image_url,audio_url,note\nhttps://x.test/a.png,https://x.test/a.mp3,caf\xe9\n";
+        assert_eq!(
+            one_problem(text),
+            "line 2: column note: has bytes that are not UTF-8; a manifest must be UTF-8"
+        );
+    }
+
+    #[test]
+    fn line_numbers_count_as_an_editor_does() {
+        let bad = "https://x.test/a.png,nope\n";
+        // LF, blank lines, a quoted field over three lines.
+        let text = format!(
+            "image_url,audio_url,prompt\n\n{},\"a\nb\nc\"\n\n\n{}",
+            ROW.trim_end(),
+            bad.replace('\n', ",\n")
+        );
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 8: column audio_url: \"nope\" is not an http or https URL (relative URL without a base)"
+        );
+        // The same with CRLF.
+        let crlf = text.replace('\n', "\r\n");
+        assert_eq!(
+            one_problem(crlf.as_bytes()),
+            "line 8: column audio_url: \"nope\" is not an http or https URL (relative URL without a base)"
+        );
+        // Old Mac line ends: a lone CR ends a line too.
+        let cr = text.replace('\n', "\r");
+        assert_eq!(
+            one_problem(cr.as_bytes()),
+            "line 8: column audio_url: \"nope\" is not an http or https URL (relative URL without a base)"
+        );
+        // No line end at the end of the file.
+        let text = format!("{HEADER}{ROW}{}", bad.trim_end());
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 3: column audio_url: \"nope\" is not an http or https URL (relative URL without a base)"
+        );
+    }
+
+    #[test]
+    fn every_problem_is_listed_in_line_order() {
+        let text = "id,image_url,audio_url,resolution,seed,provider\n\
+            .a,ftp://x/a.png,,1080p,x,fast\n\
+            ok,https://x.test/a.png,https://x.test/a.mp3,480p,1,auto\n\
+            ok,https://x.test/a.png,https://x.test/a.mp3\n\
+            ok,https://x.test/a.png,https://x.test/a.mp3,480p,1,auto\n";
+        assert_eq!(
+            problems(text.as_bytes()),
+            vec![
+                "line 2: column id: \".a\" starts with \".\"; use 1 to 128 of A-Z a-z 0-9 . _ - not starting with \".\"",
+                "line 2: column image_url: \"ftp://x/a.png\" is not an http or https URL (its scheme is ftp)",
+                "line 2: column audio_url: is blank; an http or https URL is required",
+                "line 2: column resolution: \"1080p\" is not 480p or 720p",
+                "line 2: column seed: \"x\" is not -1 or an integer from 0 to 2147483647",
+                "line 2: column provider: \"fast\" is not auto, value or official",
+                "line 4: column -: the row has 3 cells but the header has 6",
+                "line 5: column id: \"ok\" is already the id of the row on line 3; ids must be unique",
+            ]
+        );
+    }
+
+    #[test]
+    fn problems_are_capped() {
+        let mut text = String::from(HEADER);
+        for _ in 0..1500 {
+            text.push_str("https://x.test/a.png,bad\n");
+        }
+        let list = problems(text.as_bytes());
+        assert_eq!(list.len(), MAX_PROBLEMS + 1);
+        assert_eq!(
+            list[MAX_PROBLEMS],
+            "line 1002: column -: 500 more problem(s) from this line on are not listed"
+        );
+    }
+
+    #[test]
+    fn overlong_row_is_rejected_and_parsing_goes_on() {
+        let mut text = format!("{HEADER}{ROW}").into_bytes();
+        text.extend_from_slice(b"\"");
+        text.extend(std::iter::repeat_n(b'x', MAX_ROW_BYTES + 10));
+        text.extend_from_slice(b"\nmore\",https://x.test/a.mp3\n");
+        text.extend_from_slice(b"https://x.test/a.png,bad\n");
+        assert_eq!(
+            problems(&text),
+            vec![
+                "line 3: column -: the row is longer than 1048576 bytes (is a quote left open?)",
+                "line 5: column audio_url: \"bad\" is not an http or https URL (relative URL without a base)",
+            ]
+        );
+    }
+
+    #[test]
+    fn too_many_cells_is_rejected() {
+        let mut text = format!("{HEADER}{ROW}");
+        text.push_str(&",".repeat(MAX_ROW_FIELDS + 5));
+        text.push_str("x\n");
+        assert_eq!(
+            one_problem(text.as_bytes()),
+            "line 3: column -: the row has more than 4096 cells"
+        );
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic() {
+        let inputs: [&[u8]; 8] = [
+            b"\"",
+            b"\"\"\"",
+            b"\xef\xbb",
+            b"\x00\x01\x02,\xff\xfe\n\r\r\n\"",
+            b"image_url,audio_url\n\"\r",
+            b"image_url,audio_url\n\xef\xbb\xbf,\n",
+            b",,,,\n,,,,\n",
+            b"\r",
+        ];
+        for input in inputs {
+            let f = file(input);
+            let _ = validate_path(f.path());
+            if let Ok(mut reader) = RowReader::open(f.path(), None) {
+                while let Ok(Some(_)) = reader.next_row() {}
+            }
+        }
+    }
+
+    #[test]
+    fn reader_reports_a_file_that_no_longer_validates() {
+        let text = format!("{HEADER}{ROW}https://x.test/a.png,bad\n");
+        let f = file(text.as_bytes());
+        let mut reader = RowReader::open(f.path(), None).expect("open");
+        assert!(reader.next_row().expect("first row").is_some());
+        match reader.next_row() {
+            Err(ManifestError::Invalid { problems, .. }) => assert_eq!(
+                problems[0].to_string(),
+                "line 3: column audio_url: \"bad\" is not an http or https URL (relative URL without a base)"
+            ),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+        match RowReader::open(Path::new("/nonexistent/manifest.csv"), None) {
+            Err(ManifestError::Io { .. }) => {}
+            Err(e) => panic!("expected Io, got {e}"),
+            Ok(_) => panic!("expected Io, got a reader"),
+        }
+        match RowReader::open(file(b"id\n1\n").path(), None) {
+            Err(ManifestError::Invalid { problems, .. }) => assert_eq!(problems.len(), 2),
+            Err(e) => panic!("expected Invalid, got {e}"),
+            Ok(_) => panic!("expected Invalid, got a reader"),
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error() {
+        match validate_path(Path::new("/nonexistent/manifest.csv")) {
+            Err(ManifestError::Io { source, .. }) => {
+                assert_eq!(source.kind(), io::ErrorKind::NotFound);
+            }
+            other => panic!("expected Io, got {other:?}"),
+        }
+    }
+
+    /// Hands out one byte per read, to exercise every buffer boundary.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            match (self.0.split_first(), buf.first_mut()) {
+                (Some((&b, rest)), Some(slot)) => {
+                    *slot = b;
+                    self.0 = rest;
+                    Ok(1)
+                }
+                _ => Ok(0),
+            }
+        }
+    }
+
+    type Parsed = (u64, Vec<Vec<u8>>, Option<Fault>, u64, u64);
+
+    fn parse_all<R: Read>(src: R) -> Vec<Parsed> {
+        let mut parser = RecordParser::new(src, None);
+        let mut out = Vec::new();
+        while let Some(r) = parser.next_record().expect("read") {
+            let cells = (0..r.len()).map(|i| r.bytes(i).1.to_vec()).collect();
+            out.push((r.line, cells, r.fault, r.next_byte, r.next_line));
+        }
+        out
+    }
+
+    #[test]
+    fn records_do_not_depend_on_read_sizes() {
+        let mut more = QUIRKY.to_vec();
+        more.extend_from_slice(b"a,\"b\r\r\nc\"\r\rd\n");
+        for bytes in [QUIRKY, more.as_slice()] {
+            assert_eq!(parse_all(Trickle(bytes)), parse_all(bytes));
+        }
+        let parsed = parse_all(more.as_slice());
+        let last = parsed.last().expect("records");
+        assert_eq!(last.0, 12);
+        assert_eq!(last.1, vec![b"d".to_vec()]);
+        assert_eq!(
+            parsed[parsed.len() - 2].1,
+            vec![b"a".to_vec(), b"b\r\r\nc".to_vec()]
+        );
+    }
+
+    #[test]
+    fn lines_counts_cr_lf_and_crlf_once_each() {
+        let text = b"a\nb\r\nc\rd\r\r\n\n";
+        let mut whole = Lines::new(1);
+        whole.feed(text);
+        assert_eq!(whole.line, 7);
+        for split in 0..text.len() {
+            let mut parts = Lines::new(1);
+            parts.feed(&text[..split]);
+            parts.feed(&text[split..]);
+            assert_eq!(parts.line, 7, "split at {split}");
+        }
+    }
+
+    #[test]
+    fn id_set_finds_repeats() {
+        let mut ids = IdSet::new();
+        for i in 0..10_000u64 {
+            assert_eq!(ids.first_line_or_insert(&i.to_string(), i + 2), None);
+        }
+        assert_eq!(ids.first_line_or_insert("42", 99_999), Some(44));
+        assert_eq!(ids.first_line_or_insert("x", u64::MAX), None);
+        assert_eq!(ids.first_line_or_insert("x", 1), Some(LINE_MASK));
+    }
+
+    #[test]
+    fn fixtures_match_their_purpose() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/manifests");
+        let s = validate_path(&dir.join("valid_all_columns.csv")).expect("valid fixture");
+        assert_eq!(s.rows, 4);
+        match validate_path(&dir.join("broken.csv")) {
+            Err(ManifestError::Invalid { problems, .. }) => {
+                let got: Vec<String> = problems.iter().map(ToString::to_string).collect();
+                let want = std::fs::read_to_string(dir.join("broken.errors.txt"))
+                    .expect("expected errors");
+                assert_eq!(got, want.lines().collect::<Vec<_>>());
+            }
+            other => panic!("expected problems, got {other:?}"),
+        }
     }
 }
