@@ -40,6 +40,9 @@ pub const INSUFFICIENT_CREDITS: &str = "INSUFFICIENT_CREDITS";
 const CLAIM_GROUP: usize = 32;
 /// Status requests on the wire at once.
 const POLLS_IN_FLIGHT: usize = 64;
+/// Until the poll model has learned from finished tasks, only this many
+/// tasks are polled often ("scouts"); the others wait for the model.
+const SCOUTS: usize = 8;
 
 /// What the engine shares between its loops.
 pub struct Engine {
@@ -612,14 +615,17 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
         }
         due.insert((at, key));
     };
-    let plan = |model: &PollModel, t: &Tracked| -> Duration {
-        if callback_mode {
-            // Callbacks say when; polls are only the safety net.
-            settings.poll_max
-        } else {
-            model.next_delay(t.submitted.elapsed())
-        }
-    };
+    let mut scouts: HashSet<RowKey> = HashSet::new();
+    let plan =
+        |model: &PollModel, scouts: &HashSet<RowKey>, key: RowKey, t: &Tracked| -> Duration {
+            if callback_mode || (!model.is_trained() && !scouts.contains(&key)) {
+                // Callbacks say when, or scouts will teach the model: polls of
+                // this task are only a safety net until then.
+                settings.poll_max
+            } else {
+                model.next_delay(t.submitted.elapsed())
+            }
+        };
 
     loop {
         engine
@@ -635,7 +641,10 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                     let age = Duration::from_millis(now_ms().saturating_sub(submitted_at_ms));
                     let submitted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
                     let t = Tracked { task_id: task_id.clone(), submitted, polls: 0, errors: 0, last_poll: None, _slot: slot };
-                    let at = Instant::now() + plan(&model, &t);
+                    if !model.is_trained() && scouts.len() < SCOUTS {
+                        scouts.insert(key);
+                    }
+                    let at = Instant::now() + plan(&model, &scouts, key, &t);
                     engine.track(&task_id, Some(key));
                     tasks.insert(key, t);
                     schedule(&mut due, &mut next_at, key, at);
@@ -658,24 +667,36 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                             let delay = match wait {
                                 Some(w) => w,
                                 None if t.errors > 0 => backoff(t.errors, settings.poll_min, settings.poll_max.max(Duration::from_secs(60))),
-                                None => plan(&model, t),
+                                None => plan(&model, &scouts, key, t),
                             };
                             schedule(&mut due, &mut next_at, key, Instant::now() + delay);
                         }
                     }
                     PollResult::Ended { took } => {
+                        scouts.remove(&key);
                         if let Some(t) = tasks.remove(&key) {
                             engine.track(&t.task_id, None);
                             engine.metrics.polls_per_task.observe(f64::from(t.polls));
                         }
                         let was_trained = model.is_trained();
                         model.observe(took);
+                        if !model.is_trained() {
+                            // Keep enough scouts out to finish training.
+                            let waiting: Vec<RowKey> = tasks.keys().filter(|k| !scouts.contains(k) && next_at.contains_key(k)).copied().take(SCOUTS.saturating_sub(scouts.len())).collect();
+                            for k in waiting {
+                                scouts.insert(k);
+                                if let Some(t) = tasks.get(&k) {
+                                    let at = t.last_poll.unwrap_or(t.submitted) + model.next_delay(t.submitted.elapsed());
+                                    schedule(&mut due, &mut next_at, k, at.max(Instant::now()));
+                                }
+                            }
+                        }
                         if !was_trained && model.is_trained() {
                             // The first real durations: re-plan every waiting task.
                             let keys: Vec<RowKey> = next_at.keys().copied().collect();
                             for k in keys {
                                 if let Some(t) = tasks.get(&k) {
-                                    let at = t.last_poll.unwrap_or(t.submitted) + plan(&model, t);
+                                    let at = t.last_poll.unwrap_or(t.submitted) + plan(&model, &scouts, k, t);
                                     schedule(&mut due, &mut next_at, k, at.max(Instant::now()));
                                 }
                             }
@@ -683,6 +704,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                         engine.work.notify_one();
                     }
                     PollResult::Dropped => {
+                        scouts.remove(&key);
                         if let Some(t) = tasks.remove(&key) {
                             engine.track(&t.task_id, None);
                         }
