@@ -126,6 +126,12 @@ pub const MAX_ID_LEN: usize = 128;
 const WHOLE_FILE: &str = "-";
 
 /// Validates the manifest at `path` completely.
+///
+/// Reads the file once, in bounded memory, and lists every problem (up to
+/// [`MAX_PROBLEMS`]) in [`ManifestError::Invalid`]. Lines that are blank or
+/// hold only spaces, tabs and commas are not rows (spreadsheets export them
+/// under the data); they do not count for default ids either. The SHA-256 in
+/// the [`Summary`] is of exactly the bytes that were validated.
 pub fn validate_path(path: &Path) -> Result<Summary, ManifestError> {
     let io_err = |source| ManifestError::Io {
         path: path.to_owned(),
@@ -509,8 +515,8 @@ fn check_row<'a>(
             line,
             WHOLE_FILE,
             format!(
-                "the row has {} cells but the header has {}{hint}",
-                record.len(),
+                "the row has {} but the header has {}{hint}",
+                cells(record.len()),
                 columns.width
             ),
         );
@@ -708,6 +714,14 @@ fn url_problem(text: &str) -> Option<String> {
         "{} is not an http or https URL ({why})",
         quoted(text)
     ))
+}
+
+fn cells(n: usize) -> String {
+    if n == 1 {
+        "1 cell".to_owned()
+    } else {
+        format!("{n} cells")
+    }
 }
 
 /// `text` quoted for a message, cut short when long.
@@ -1437,7 +1451,7 @@ z.9_Z,https://x.test/c.png,https://x.test/c.m4a,,   ,,2147483647,official,,c3\r\
         let text = format!("{HEADER}https://x.test/a.png\n");
         assert_eq!(
             one_problem(text.as_bytes()),
-            "line 2: column -: the row has 1 cells but the header has 2"
+            "line 2: column -: the row has 1 cell but the header has 2"
         );
     }
 
@@ -1446,7 +1460,7 @@ z.9_Z,https://x.test/c.png,https://x.test/c.m4a,,   ,,2147483647,official,,c3\r\
         let text = format!("{HEADER}\"https://x.test/a.png,https://x.test/a.mp3\n{ROW}{ROW}");
         assert_eq!(
             one_problem(text.as_bytes()),
-            "line 2: column -: the row has 1 cells but the header has 2 (is a quote left open?)"
+            "line 2: column -: the row has 1 cell but the header has 2 (is a quote left open?)"
         );
     }
 
@@ -1868,6 +1882,8 @@ z.9_Z,https://x.test/c.png,https://x.test/c.m4a,,   ,,2147483647,official,,c3\r\
 
     #[test]
     fn id_set_finds_repeats() {
+        // The set's memory per id is what keeps a million rows small.
+        assert_eq!(std::mem::size_of::<IdSlot>(), 16);
         let mut ids = IdSet::new();
         for i in 0..10_000u64 {
             assert_eq!(ids.first_line_or_insert(&i.to_string(), i + 2), None);
