@@ -360,11 +360,16 @@ fn serve_file(bytes: Vec<u8>, range: Option<&HeaderValue>, cut: bool) -> Respons
     let body = if cut {
         // The announced length stays; the stream ends half-way with an error,
         // on which hyper closes the connection.
+        // The pause lets hyper flush the headers and the first half before
+        // the error aborts the connection; otherwise nothing at all is sent.
+        use futures_util::StreamExt;
         let half = part.slice(..part.len() / 2);
-        Body::from_stream(futures_util::stream::iter([
-            Ok::<_, std::io::Error>(half),
-            Err(std::io::Error::other("simulated cut download")),
-        ]))
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(half)]);
+        let cut = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(std::io::Error::other("simulated cut download"))
+        });
+        Body::from_stream(first.chain(cut))
     } else {
         Body::from(part)
     };

@@ -584,12 +584,19 @@ pub(crate) fn spawn_period_toggles(shared: &Arc<Shared>) {
         if after.is_none() && length.is_none() {
             continue;
         }
+        let after = after.unwrap_or_default();
+        // A period from the start is on before the first request can arrive.
+        if after.is_zero() {
+            shared.update_faults(|f| set(f, true));
+        }
         let shared = Arc::clone(shared);
         shared.tracker.clone().spawn(async move {
-            if !sleep_or_cancel(after.unwrap_or_default(), &shared.shutdown).await {
-                return;
+            if !after.is_zero() {
+                if !sleep_or_cancel(after, &shared.shutdown).await {
+                    return;
+                }
+                shared.update_faults(|f| set(f, true));
             }
-            shared.update_faults(|f| set(f, true));
             if let Some(length) = length {
                 if !sleep_or_cancel(length, &shared.shutdown).await {
                     return;
