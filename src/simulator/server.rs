@@ -352,10 +352,10 @@ fn serve_file(bytes: Vec<u8>, range: Option<&HeaderValue>, cut: bool) -> Respons
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part.len()));
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
-            headers.insert(header::CONTENT_RANGE, v);
-        }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
+    {
+        headers.insert(header::CONTENT_RANGE, v);
     }
     let body = if cut {
         // The announced length stays; the stream ends half-way with an error,

@@ -111,6 +111,9 @@ impl Inner {
     }
 }
 
+/// How many result files a task has, and the size they are padded to.
+type FileSpec = (usize, Option<usize>);
+
 /// Why a submit created no task.
 pub(crate) enum SubmitRefused {
     /// The cap on unfinished tasks is reached.
@@ -458,7 +461,7 @@ impl Shared {
 
     pub fn tasks(&self) -> Vec<TaskInfo> {
         let now = Instant::now();
-        let snapshot: Vec<(TaskInfo, Option<(usize, Option<usize>)>)> = {
+        let snapshot: Vec<(TaskInfo, Option<FileSpec>)> = {
             let g = self.lock();
             g.order
                 .iter()
