@@ -896,3 +896,29 @@ async fn shutdown_stops_pending_callbacks_and_slow_answers() {
     let _ = slow.await.expect("join");
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+#[tokio::test]
+async fn standalone_runs_until_sigterm() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let run = tokio::spawn(simulator::run_standalone(addr, SimArgs::default()));
+    let mut up = false;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(up, "simulator listens");
+    nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).expect("raise");
+    tokio::time::timeout(Duration::from_secs(5), run)
+        .await
+        .expect("stops within 5 s")
+        .expect("join")
+        .expect("clean exit");
+}
