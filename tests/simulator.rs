@@ -690,6 +690,19 @@ async fn fault_5xx_reset_malformed_slow() {
         .expect("admin");
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(sim.handle.faults().slow_ms, 300);
+    let resp = sim
+        .client
+        .put(format!("{}/sim/faults", sim.base))
+        .json(&json!({"reset": 2.0}))
+        .send()
+        .await
+        .expect("admin");
+    assert_eq!(resp.status().as_u16(), 400);
+    assert_eq!(
+        sim.handle.faults().slow_ms,
+        300,
+        "a refused PUT changes nothing"
+    );
     let t0 = Instant::now();
     let (code, _) = sim.status(&id).await;
     assert_eq!(code, 200);

@@ -387,6 +387,17 @@ async fn admin_faults(State(shared): Sim) -> Response {
 async fn admin_set_faults(State(shared): Sim, body: Bytes) -> Response {
     match serde_json::from_slice::<Faults>(&body) {
         Ok(f) => {
+            let probabilities = [
+                ("error_5xx", f.error_5xx),
+                ("reset", f.reset),
+                ("malformed", f.malformed),
+                ("slow", f.slow),
+                ("cut_download", f.cut_download),
+                ("lost_submit_answer", f.lost_submit_answer),
+            ];
+            if let Some((name, _)) = probabilities.iter().find(|(_, p)| !(0.0..=1.0).contains(p)) {
+                return envelope(400, &format!("{name}: must be between 0.0 and 1.0"));
+            }
             shared.set_faults(f.clone());
             axum::Json(f).into_response()
         }
