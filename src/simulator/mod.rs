@@ -364,6 +364,8 @@ pub async fn start(
 /// Runs the `simulate` command until SIGINT/SIGTERM (prints the listening URL
 /// on stderr first).
 pub async fn run_standalone(listen: SocketAddr, args: SimArgs) -> anyhow::Result<()> {
+    // Handlers first: a signal that arrives once the port answers is ours.
+    let signal = stop_signal()?;
     let shutdown = CancellationToken::new();
     let summary = format!(
         "max {} requests/min, max {} concurrent tasks, time factor {}, result URLs valid {}{}",
@@ -382,24 +384,28 @@ pub async fn run_standalone(listen: SocketAddr, args: SimArgs) -> anyhow::Result
         "infinitetalk-batch simulator listening on {} ({summary})",
         handle.base_url()
     );
-    wait_for_signal().await?;
+    signal.await?;
     eprintln!("infinitetalk-batch simulator stopping");
     shutdown.cancel();
     handle.stopped().await;
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Installs the SIGINT/SIGTERM handlers now; the future resolves on either.
+fn stop_signal() -> std::io::Result<impl std::future::Future<Output = std::io::Result<()>>> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut term = signal(SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
-        }
+        let mut int = signal(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            Ok(())
+        })
     }
     #[cfg(not(unix))]
-    tokio::signal::ctrl_c().await?;
-    Ok(())
+    Ok(tokio::signal::ctrl_c())
 }

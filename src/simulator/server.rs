@@ -352,19 +352,24 @@ fn serve_file(bytes: Vec<u8>, range: Option<&HeaderValue>, cut: bool) -> Respons
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(part.len()));
-    if status == StatusCode::PARTIAL_CONTENT {
-        if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
-            headers.insert(header::CONTENT_RANGE, v);
-        }
+    if status == StatusCode::PARTIAL_CONTENT
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
+    {
+        headers.insert(header::CONTENT_RANGE, v);
     }
     let body = if cut {
         // The announced length stays; the stream ends half-way with an error,
         // on which hyper closes the connection.
+        // The pause lets hyper flush the headers and the first half before
+        // the error aborts the connection; otherwise nothing at all is sent.
+        use futures_util::StreamExt;
         let half = part.slice(..part.len() / 2);
-        Body::from_stream(futures_util::stream::iter([
-            Ok::<_, std::io::Error>(half),
-            Err(std::io::Error::other("simulated cut download")),
-        ]))
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(half)]);
+        let cut = futures_util::stream::once(async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            Err(std::io::Error::other("simulated cut download"))
+        });
+        Body::from_stream(first.chain(cut))
     } else {
         Body::from(part)
     };
@@ -382,6 +387,17 @@ async fn admin_faults(State(shared): Sim) -> Response {
 async fn admin_set_faults(State(shared): Sim, body: Bytes) -> Response {
     match serde_json::from_slice::<Faults>(&body) {
         Ok(f) => {
+            let probabilities = [
+                ("error_5xx", f.error_5xx),
+                ("reset", f.reset),
+                ("malformed", f.malformed),
+                ("slow", f.slow),
+                ("cut_download", f.cut_download),
+                ("lost_submit_answer", f.lost_submit_answer),
+            ];
+            if let Some((name, _)) = probabilities.iter().find(|(_, p)| !(0.0..=1.0).contains(p)) {
+                return envelope(400, &format!("{name}: must be between 0.0 and 1.0"));
+            }
             shared.set_faults(f.clone());
             axum::Json(f).into_response()
         }

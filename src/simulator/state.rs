@@ -111,6 +111,9 @@ impl Inner {
     }
 }
 
+/// How many result files a task has, and the size they are padded to.
+type FileSpec = (usize, Option<usize>);
+
 /// Why a submit created no task.
 pub(crate) enum SubmitRefused {
     /// The cap on unfinished tasks is reached.
@@ -458,7 +461,7 @@ impl Shared {
 
     pub fn tasks(&self) -> Vec<TaskInfo> {
         let now = Instant::now();
-        let snapshot: Vec<(TaskInfo, Option<(usize, Option<usize>)>)> = {
+        let snapshot: Vec<(TaskInfo, Option<FileSpec>)> = {
             let g = self.lock();
             g.order
                 .iter()
@@ -584,12 +587,19 @@ pub(crate) fn spawn_period_toggles(shared: &Arc<Shared>) {
         if after.is_none() && length.is_none() {
             continue;
         }
+        let after = after.unwrap_or_default();
+        // A period from the start is on before the first request can arrive.
+        if after.is_zero() {
+            shared.update_faults(|f| set(f, true));
+        }
         let shared = Arc::clone(shared);
         shared.tracker.clone().spawn(async move {
-            if !sleep_or_cancel(after.unwrap_or_default(), &shared.shutdown).await {
-                return;
+            if !after.is_zero() {
+                if !sleep_or_cancel(after, &shared.shutdown).await {
+                    return;
+                }
+                shared.update_faults(|f| set(f, true));
             }
-            shared.update_faults(|f| set(f, true));
             if let Some(length) = length {
                 if !sleep_or_cancel(length, &shared.shutdown).await {
                     return;

@@ -184,7 +184,8 @@ mod tests {
 
     #[test]
     fn names_the_field() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Value)>)> = vec![
+        type Edit = Box<dyn Fn(&mut Value)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "request_type",
                 Box::new(|v| v["request_type"] = json!("sync")),
