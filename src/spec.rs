@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 pub const MIN_BILLED_SECONDS: f64 = 5.0;
 
 /// Output resolution of a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Resolution {
     #[serde(rename = "480p")]
     P480,
