@@ -80,6 +80,10 @@ pub enum InboxError {
         #[source]
         source: notify::Error,
     },
+    /// The state database failed while finishing the ingests a stop
+    /// interrupted.
+    #[error("the state database failed while recovering interrupted ingests: {0}")]
+    Recover(#[source] StoreError),
     /// The state database failed while a manifest was being ingested; the
     /// file stays in the inbox and is taken again after a restart.
     #[error("the state database failed while ingesting {file}: {source}")]
@@ -124,7 +128,10 @@ pub fn is_candidate(path: &Path) -> bool {
 /// completes to `on_batch` too, since an interrupted ingest left in place
 /// would otherwise make its file look like a duplicate.
 ///
-/// Returns `Ok` after a stop; within [`STOP_GRACE`] of the cancel at worst.
+/// Returns `Ok` after a stop, at worst a few seconds after the cancel (an
+/// ingest already running gets that long to finish; it is crash-safe either
+/// way). Returns an error only if the watch cannot start or the state
+/// database fails.
 pub async fn watch(
     store: Store,
     config: InboxConfig,
@@ -158,12 +165,7 @@ pub async fn watch(
     };
     match recovered {
         Ok(Ok(batches)) => batches.into_iter().for_each(&on_batch),
-        Ok(Err(IngestError::Store(source))) => {
-            return Err(InboxError::Store {
-                file: inbox,
-                source,
-            });
-        }
+        Ok(Err(IngestError::Store(source))) => return Err(InboxError::Recover(source)),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "could not finish recovering interrupted ingests; retried at next start")
         }
