@@ -9,7 +9,17 @@
 //! - [`store`]: the durable state (batches, rows past `queued`, the request
 //!   ledger). Only `store/sled.rs` imports sled.
 //! - [`ingest`]: one manifest file into one batch (or into `rejected/`).
+//! - [`inbox`]: watching the inbox folder, feeding [`ingest`].
+//! - [`api`]: the APIXO client, wire types and the classification of answers.
+//! - [`dispatch`]: pacing (request budget, concurrency slots), submitting and polling.
+//! - [`download`]: fetching result videos into the outbox.
+//! - [`results`]: `results.csv` when a batch ends.
+//! - [`listener`]: `/status`, `/metrics` and callbacks over HTTP.
+//! - [`status`]: what `status` shows.
+//! - [`metrics`]: counters for `/metrics`.
+//! - [`daemon`]: `run`, wiring it all together.
 //! - [`simulator`]: the built-in simulator of the API.
+//! - [`fsutil`]: atomic, durable file writes.
 #![forbid(unsafe_code)]
 
 pub mod api;
