@@ -209,8 +209,16 @@ impl Store {
     }
 
     /// Makes every write so far durable (as durable as sled's flush: see README).
+    ///
+    /// Runs sled's blocking flush on a blocking thread: sled 0.34's
+    /// `flush_async` was seen here never to complete when several tasks
+    /// flush at once, wedging every caller.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush_async().await.map(|_| ()).map_err(db_err)
+        let db = self.db.clone();
+        match tokio::task::spawn_blocking(move || db.flush()).await {
+            Ok(result) => result.map(|_| ()).map_err(db_err),
+            Err(e) => Err(StoreError::Db(format!("flush task: {e}"))),
+        }
     }
 
     /// Blocking flush, for code outside the runtime.
