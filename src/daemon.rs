@@ -165,15 +165,41 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             simulated: settings.simulate,
         };
         let stop = front_stop.clone();
-        tokio::spawn(inbox::watch(
-            store.clone(),
-            config,
-            move |batch| {
-                tracing::info!(batch = %batch.name, rows = batch.total_rows, "batch queued");
-                engine.work.notify_one();
-            },
-            stop,
-        ))
+        let store = store.clone();
+        tokio::spawn(async move {
+            // A failed watcher (the store refused a write) is restarted with
+            // backoff: files wait in the inbox meanwhile, nothing is lost.
+            let mut failures = 0u32;
+            loop {
+                let engine = engine.clone();
+                let watched = inbox::watch(
+                    store.clone(),
+                    config.clone(),
+                    move |batch| {
+                        tracing::info!(batch = %batch.name, rows = batch.total_rows, "batch queued");
+                        engine.work.notify_one();
+                    },
+                    stop.clone(),
+                )
+                .await;
+                match watched {
+                    Ok(()) => break,
+                    Err(e) => {
+                        failures += 1;
+                        let wait = dispatch::backoff(
+                            failures,
+                            Duration::from_secs(1),
+                            Duration::from_secs(60),
+                        );
+                        tracing::error!(error = %e, retry_in = ?wait, "inbox watcher failed; restarting it");
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = stop.cancelled() => break,
+                        }
+                    }
+                }
+            }
+        })
     };
 
     tracing::info!(

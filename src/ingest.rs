@@ -102,6 +102,11 @@ pub fn ingest_file(
     let batch = match store.begin_batch(&stem, &summary.sha256, summary.rows, file, &name_free)? {
         Begin::Started(batch) => batch,
         Begin::Duplicate { earlier } => {
+            if let Some(batch) = own_leftover(store, &earlier, file)? {
+                // Our own accepted file whose removal failed earlier: finish it.
+                remove_source(store, &batch)?;
+                return Ok(Outcome::Accepted(batch));
+            }
             let problems = vec![Problem {
                 line: 1,
                 column: "-".into(),
@@ -137,6 +142,17 @@ pub fn ingest_file(
     store.flush_blocking()?;
     remove_source(store, &batch)?;
     Ok(Outcome::Accepted(batch))
+}
+
+/// The accepted batch `name` if `file` is its own inbox file, not yet removed.
+fn own_leftover(
+    store: &Store,
+    name: &str,
+    file: &Path,
+) -> Result<Option<BatchRecord>, IngestError> {
+    Ok(store.batches()?.into_iter().find(|b| {
+        b.name == name && b.phase != BatchPhase::Ingesting && !b.source_removed && b.source == file
+    }))
 }
 
 fn undo(store: &Store, batch: &BatchRecord, dest: &Path) -> Result<(), IngestError> {

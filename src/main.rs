@@ -185,6 +185,13 @@ async fn show_status(args: StatusArgs) -> ExitCode {
     let report = match live.await {
         Some(report) => report,
         None => {
+            if !state.exists() {
+                eprintln!(
+                    "infinitetalk-batch status: no daemon answers at {listen}, and there is no state folder at {}",
+                    state.display()
+                );
+                return ExitCode::from(EXIT_RUNTIME);
+            }
             let opened = tokio::task::spawn_blocking(move || {
                 let store = store::Store::open(&state)?;
                 status::from_store(&store)
