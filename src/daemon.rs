@@ -53,6 +53,11 @@ fn random_secret() -> String {
 /// Runs the daemon until `shutdown` is cancelled, then stops gracefully.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
     let started = Instant::now();
+    if settings.simulate {
+        tracing::warn!(
+            "SIMULATED RUN (--simulate): no API key is used and nothing is paid; tasks go to the built-in simulator, videos are test patterns, and results.csv marks them simulated"
+        );
+    }
     let settings = Arc::new(settings);
     for dir in [&settings.inbox, &settings.outbox] {
         std::fs::create_dir_all(dir).map_err(|source| DaemonError::Folder {
@@ -85,10 +90,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             sim_stop.clone(),
         )
         .await?;
-        tracing::warn!(
-            simulator = %sim.base_url(),
-            "SIMULATED RUN: tasks go to the built-in simulator, not the real API; videos are test patterns and results.csv marks them simulated"
-        );
+        tracing::info!(simulator = %sim.base_url(), "built-in simulator serving");
         (sim.base_url(), ApiKey::new("simulated"), Some(sim))
     } else {
         let key = settings

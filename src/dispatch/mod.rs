@@ -870,7 +870,8 @@ pub fn task_ended(
         engine.set_pause(PauseReason::InsufficientCredits);
     }
     let retryable = settings.retry_fail_codes.iter().any(|c| c == &code);
-    if retryable && (credits || record.resubmits < settings.max_resubmits) {
+    // Out of credits never blames the row, whatever the settings say.
+    if credits || (retryable && record.resubmits < settings.max_resubmits) {
         let requeued = engine.store.transition(key, |r| {
             if let Some(old) = r.task_id.take() {
                 r.previous_tasks.push(old);
