@@ -83,6 +83,10 @@ pub fn write_results(
         let mut index = 0u64;
         for raw in reader.byte_records() {
             let raw = raw.map_err(std::io::Error::other)?;
+            if is_blank_record(&raw) {
+                // Not a row for the manifest reader either (e.g. `,,,`).
+                continue;
+            }
             index += 1;
             while records.peek().is_some_and(|(row, _)| *row < index) {
                 records.next();
@@ -119,6 +123,11 @@ pub fn write_results(
         source,
     })?;
     Ok(out)
+}
+
+fn is_blank_record(raw: &csv::ByteRecord) -> bool {
+    raw.iter()
+        .all(|f| f.iter().all(|b| matches!(b, b' ' | b'\t')))
 }
 
 fn result_cells(record: &RowRecord, simulated: bool) -> Vec<String> {
@@ -186,5 +195,95 @@ pub async fn finish_loop(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Ba
             }
             Err(e) => tracing::error!(batch = %batch.name, error = %e, "results writer panicked"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::RowReader;
+    use crate::store::{Begin, Claim, RowKey, RowState};
+
+    #[test]
+    fn results_follow_the_manifest_rows_and_skip_blank_lines() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let folders = Folders {
+            inbox: dir.path().join("inbox"),
+            outbox: dir.path().join("outbox"),
+        };
+        let store = Store::open(&dir.path().join("state")).expect("store");
+        let text = "\u{feff}id,image_url,audio_url,Note\r\na,https://x/a.png,https://x/a.mp3, keep  \r\n,,,\r\n\r\nb,https://x/b.png,https://x/b.mp3,\"two\nlines\"\r\n";
+        let Begin::Started(batch) = store
+            .begin_batch("t", "sha", 2, Path::new("/in/t.csv"), &|_| true)
+            .expect("begin")
+        else {
+            panic!("duplicate")
+        };
+        std::fs::create_dir_all(folders.batch_dir("t")).expect("dir");
+        std::fs::write(folders.manifest_of("t"), text).expect("manifest");
+        let batch = store.activate_batch(batch.seq, false).expect("activate");
+        let mut reader = RowReader::open(&folders.manifest_of("t"), None).expect("reader");
+        let mut claims = Vec::new();
+        while let Some((row, next)) = reader.next_row().expect("row") {
+            claims.push(Claim::Fresh {
+                batch: batch.seq,
+                row,
+                next,
+            });
+        }
+        assert_eq!(claims.len(), 2);
+        store.mark_submitting(&claims).expect("claim");
+        for row in 1..=2 {
+            store
+                .transition(
+                    RowKey {
+                        batch: batch.seq,
+                        row,
+                    },
+                    |r| {
+                        r.state = RowState::Done;
+                        r.task_id = Some(format!("t{row}"));
+                        r.outputs = vec![format!("{}.mp4", r.id)];
+                        Ok(())
+                    },
+                )
+                .expect("done");
+        }
+        let batch = store.batch(batch.seq).expect("batch");
+        let path = write_results(&store, &folders, &batch).expect("results");
+        let mut out = csv::Reader::from_path(&path).expect("read");
+        let header: Vec<String> = out
+            .headers()
+            .expect("header")
+            .iter()
+            .map(String::from)
+            .collect();
+        assert_eq!(
+            header,
+            [
+                "id",
+                "image_url",
+                "audio_url",
+                "Note",
+                "state",
+                "task_id",
+                "output",
+                "fail_code",
+                "fail_msg",
+                "audio_seconds",
+                "cost_usd"
+            ]
+        );
+        let rows: Vec<Vec<String>> = out
+            .records()
+            .map(|r| r.expect("record").iter().map(String::from).collect())
+            .collect();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0][0], "a");
+        assert_eq!(rows[0][3], " keep  ", "extra cells carried unchanged");
+        assert_eq!(rows[0][5], "t1");
+        assert_eq!(rows[1][0], "b");
+        assert_eq!(rows[1][3], "two\nlines");
+        assert_eq!(rows[1][6], "b.mp4");
     }
 }
