@@ -130,6 +130,9 @@ pub struct StatusArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+    /// Redraw every 2 s until Ctrl-C.
+    #[arg(long)]
+    pub watch: bool,
     /// Address of the daemon's listener [default: 127.0.0.1:8686, or the config's].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,

@@ -264,13 +264,19 @@ async fn save_ledger_loop(engine: Arc<Engine>) {
     }
 }
 
-/// STATUS= and WATCHDOG=1 for systemd.
+/// STATUS= and WATCHDOG=1 for systemd. WATCHDOG=1 is sent only while the
+/// poll loop is seen going round (it stamps its liveness at least every
+/// second), so a wedged engine gets restarted rather than kept alive by this
+/// timer.
 async fn heartbeat_loop(engine: Arc<Engine>) {
     let watchdog = sd_notify::watchdog_enabled();
     let every = match watchdog {
         Some(interval) => (interval / 2).max(Duration::from_millis(100)),
         None => Duration::from_secs(5),
     };
+    // The poll loop wakes every second; allow for a busy machine.
+    let fresh = every.max(Duration::from_secs(3));
+    let mut stalled = false;
     let mut tick = tokio::time::interval(every);
     loop {
         tokio::select! {
@@ -279,7 +285,17 @@ async fn heartbeat_loop(engine: Arc<Engine>) {
                 let line = summary_line(&engine);
                 let mut states = vec![sd_notify::NotifyState::Status(&line)];
                 if watchdog.is_some() {
-                    states.push(sd_notify::NotifyState::Watchdog);
+                    let age = engine.poll_loop_age();
+                    if age <= fresh {
+                        states.push(sd_notify::NotifyState::Watchdog);
+                        stalled = false;
+                    } else if !stalled {
+                        stalled = true;
+                        tracing::error!(
+                            stalled_ms = age.as_millis() as u64,
+                            "the poll loop has not gone round; withholding WATCHDOG=1 so systemd restarts us"
+                        );
+                    }
                 }
                 let _ = sd_notify::notify(&states);
             }

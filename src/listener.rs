@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -150,7 +151,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 async fn callback_handler(
     State(app): State<App>,
     Path(secret): Path<String>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let engine = &app.engine;
     let count = |outcome: &'static str| {
@@ -165,6 +166,22 @@ async fn callback_handler(
         tracing::warn!("callback refused: wrong secret in its URL");
         return (StatusCode::FORBIDDEN, "wrong callback secret").into_response();
     }
+    let body = match body {
+        Ok(body) => body,
+        Err(rejection) if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            count("too_large");
+            tracing::warn!(
+                limit_bytes = MAX_CALLBACK_BYTES,
+                "callback refused: body larger than the limit"
+            );
+            return (StatusCode::PAYLOAD_TOO_LARGE, "callback body too large").into_response();
+        }
+        Err(rejection) => {
+            count("malformed");
+            tracing::warn!(error = %rejection.body_text(), "callback refused: unreadable body");
+            return (StatusCode::BAD_REQUEST, "unreadable body").into_response();
+        }
+    };
     let status = match crate::api::parse_status_envelope(&body) {
         Ok(s) => s,
         Err(e) => {

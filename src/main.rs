@@ -170,6 +170,44 @@ async fn show_status(args: StatusArgs) -> ExitCode {
         .clone()
         .or(file.state)
         .unwrap_or_else(|| "state".into());
+    if !args.watch {
+        return match fetch_report(listen, &state).await {
+            Ok(report) => print_report(&report, args.json),
+            Err(code) => code,
+        };
+    }
+    let redraw = async {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let report = fetch_report(listen, &state).await;
+            if !args.json {
+                // Clear the screen and go home, as watch(1) does.
+                print!("\x1b[2J\x1b[H");
+            }
+            match report {
+                Ok(report) => {
+                    let code = print_report(&report, args.json);
+                    if code != ExitCode::SUCCESS {
+                        return code;
+                    }
+                }
+                Err(_) => println!("(no answer; trying again in 2 s)"),
+            }
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => ExitCode::SUCCESS,
+        code = redraw => code,
+    }
+}
+
+/// The daemon's live report, or the state folder's when no daemon answers.
+async fn fetch_report(
+    listen: std::net::SocketAddr,
+    state: &std::path::Path,
+) -> Result<status::Report, ExitCode> {
     let live = async {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(3))
@@ -182,36 +220,38 @@ async fn show_status(args: StatusArgs) -> ExitCode {
             .ok()?;
         resp.json::<status::Report>().await.ok()
     };
-    let report = match live.await {
-        Some(report) => report,
-        None => {
-            if !state.exists() {
-                eprintln!(
-                    "infinitetalk-batch status: no daemon answers at {listen}, and there is no state folder at {}",
-                    state.display()
-                );
-                return ExitCode::from(EXIT_RUNTIME);
-            }
-            let opened = tokio::task::spawn_blocking(move || {
-                let store = store::Store::open(&state)?;
-                status::from_store(&store)
-            })
-            .await;
-            match opened {
-                Ok(Ok(report)) => report,
-                Ok(Err(e)) => {
-                    eprintln!("infinitetalk-batch status: no daemon answers at {listen}, and {e}");
-                    return ExitCode::from(EXIT_RUNTIME);
-                }
-                Err(e) => {
-                    eprintln!("infinitetalk-batch status: {e}");
-                    return ExitCode::from(EXIT_RUNTIME);
-                }
-            }
+    if let Some(report) = live.await {
+        return Ok(report);
+    }
+    if !state.exists() {
+        eprintln!(
+            "infinitetalk-batch status: no daemon answers at {listen}, and there is no state folder at {}",
+            state.display()
+        );
+        return Err(ExitCode::from(EXIT_RUNTIME));
+    }
+    let state = state.to_owned();
+    let opened = tokio::task::spawn_blocking(move || {
+        let store = store::Store::open(&state)?;
+        status::from_store(&store)
+    })
+    .await;
+    match opened {
+        Ok(Ok(report)) => Ok(report),
+        Ok(Err(e)) => {
+            eprintln!("infinitetalk-batch status: no daemon answers at {listen}, and {e}");
+            Err(ExitCode::from(EXIT_RUNTIME))
         }
-    };
-    if args.json {
-        match serde_json::to_string_pretty(&report) {
+        Err(e) => {
+            eprintln!("infinitetalk-batch status: {e}");
+            Err(ExitCode::from(EXIT_RUNTIME))
+        }
+    }
+}
+
+fn print_report(report: &status::Report, json: bool) -> ExitCode {
+    if json {
+        match serde_json::to_string_pretty(report) {
             Ok(text) => println!("{text}"),
             Err(e) => {
                 eprintln!("infinitetalk-batch status: {e}");
@@ -219,7 +259,7 @@ async fn show_status(args: StatusArgs) -> ExitCode {
             }
         }
     } else {
-        print!("{}", status::render(&report));
+        print!("{}", status::render(report));
     }
     ExitCode::SUCCESS
 }

@@ -39,7 +39,7 @@ pub struct Metrics {
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CallbackLabels {
-    /// `accepted`, `bad_secret`, `unknown_task`, `malformed`.
+    /// `accepted`, `bad_secret`, `unknown_task`, `malformed`, `too_large`.
     pub outcome: &'static str,
 }
 

@@ -70,6 +70,10 @@ pub struct Engine {
     tracked: Mutex<HashMap<String, RowKey>>,
     /// Tasks in flight (for status): maintained by the poller.
     in_flight: std::sync::atomic::AtomicU64,
+    /// Liveness of the poll loop for the systemd watchdog: milliseconds since
+    /// `born` at its last iteration (it wakes at least every second).
+    poll_tick_ms: std::sync::atomic::AtomicU64,
+    born: Instant,
 }
 
 /// The receiving ends the engine's loops own.
@@ -131,6 +135,8 @@ impl Engine {
             names: Mutex::new(HashMap::new()),
             tracked: Mutex::new(HashMap::new()),
             in_flight: std::sync::atomic::AtomicU64::new(0),
+            poll_tick_ms: std::sync::atomic::AtomicU64::new(0),
+            born: Instant::now(),
             settings,
         };
         Ok((
@@ -181,6 +187,20 @@ impl Engine {
 
     pub fn tasks_in_flight(&self) -> u64 {
         self.in_flight.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How long ago the poll loop last went round (it does at least every
+    /// second while it runs); the systemd watchdog is fed only while short.
+    pub fn poll_loop_age(&self) -> Duration {
+        let now = self.born.elapsed().as_millis() as u64;
+        let tick = self.poll_tick_ms.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_millis(now.saturating_sub(tick))
+    }
+
+    fn poll_loop_tick(&self) {
+        let now = self.born.elapsed().as_millis() as u64;
+        self.poll_tick_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn set_pause(&self, reason: PauseReason) {
@@ -605,6 +625,9 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(RowKey, PollResult)>();
     let wire = Arc::new(Semaphore::new(POLLS_IN_FLIGHT));
     let callback_mode = engine.callback_url.is_some();
+    // Wakes the loop when idle, so that its liveness stamp stays fresh.
+    let mut alive = tokio::time::interval(Duration::from_secs(1));
+    alive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let schedule = |due: &mut BTreeSet<(Instant, RowKey)>,
                     next_at: &mut HashMap<RowKey, Instant>,
@@ -628,6 +651,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
         };
 
     loop {
+        engine.poll_loop_tick();
         engine
             .in_flight
             .store(tasks.len() as u64, std::sync::atomic::Ordering::Relaxed);
@@ -635,6 +659,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
         let next_due = due.first().map(|(at, _)| *at);
         tokio::select! {
             () = engine.shutdown.cancelled() => break,
+            _ = alive.tick() => {}
             cmd = cmds.recv() => match cmd {
                 None => break,
                 Some(PollCmd::Track { key, task_id, submitted_at_ms, slot }) => {

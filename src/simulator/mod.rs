@@ -269,6 +269,9 @@ pub struct TaskInfo {
     pub task_id: String,
     pub image_urls: Vec<String>,
     pub audio_url: String,
+    /// The `callback_url` the submit gave (callback mode only).
+    #[serde(default)]
+    pub callback_url: Option<String>,
     /// `pending`, `processing`, `success` or `failed`, as of now.
     pub state: String,
     pub fail_code: Option<String>,
