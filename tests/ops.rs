@@ -95,7 +95,10 @@ fn systemd_units_verify() {
     let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
     for (file, unit) in [
         ("infinitetalk-batch.service", "infinitetalk-batch.service"),
-        ("infinitetalk-batch@.service", "infinitetalk-batch@acme.service"),
+        (
+            "infinitetalk-batch@.service",
+            "infinitetalk-batch@acme.service",
+        ),
     ] {
         let text = fs::read_to_string(examples.join(file)).expect("unit file");
         assert!(
@@ -161,7 +164,8 @@ async fn sd_notify_ready_status_watchdog_stopping() {
     );
     let mut seen: Vec<String> = Vec::new();
     let mut buf = vec![0u8; 4096];
-    let has = |seen: &[String], what: &str| seen.iter().any(|m| m.lines().any(|l| l.starts_with(what)));
+    let has =
+        |seen: &[String], what: &str| seen.iter().any(|m| m.lines().any(|l| l.starts_with(what)));
     let deadline = Instant::now() + Duration::from_secs(20);
     while Instant::now() < deadline
         && !(has(&seen, "READY=1") && has(&seen, "STATUS=") && has(&seen, "WATCHDOG=1"))
@@ -193,8 +197,9 @@ async fn sd_notify_ready_status_watchdog_stopping() {
         std::thread::sleep(Duration::from_millis(50));
     }
     if status.is_none() {
-        kill9(&mut daemon);
+        let _ = daemon.kill();
     }
+    let _ = daemon.wait();
     let log = log_text(&dirs, 0);
     assert!(has(&seen, "READY=1"), "no READY=1: {seen:?}\n{log}");
     assert!(has(&seen, "STATUS=queued "), "no STATUS= summary: {seen:?}");
@@ -202,7 +207,10 @@ async fn sd_notify_ready_status_watchdog_stopping() {
         .iter()
         .filter(|m| m.lines().any(|l| l == "WATCHDOG=1"))
         .count();
-    assert!(watchdogs >= 2, "WATCHDOG=1 sent {watchdogs} times: {seen:?}");
+    assert!(
+        watchdogs >= 2,
+        "WATCHDOG=1 sent {watchdogs} times: {seen:?}"
+    );
     assert!(has(&seen, "STOPPING=1"), "no STOPPING=1: {seen:?}\n{log}");
     assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
 }
@@ -287,7 +295,13 @@ fn check_openmetrics(text: &str) {
 
 fn status_json(listen: std::net::SocketAddr, state: &Path) -> serde_json::Value {
     let out = Command::new(BIN)
-        .args(["status", "--json", "--listen", &listen.to_string(), "--state"])
+        .args([
+            "status",
+            "--json",
+            "--listen",
+            &listen.to_string(),
+            "--state",
+        ])
         .arg(state)
         .output()
         .expect("status runs");
@@ -349,14 +363,23 @@ async fn metrics_and_status_after_a_batch() {
     assert!(polls >= n, "status requests {polls}\n{text}");
     assert_eq!(sum(&scrape, "infinitetalk_tasks_submitted_total", &[]), n);
     assert_eq!(sum(&scrape, "infinitetalk_rows", &[("state", "done")]), n);
-    assert_eq!(sum(&scrape, "infinitetalk_rows", &[("state", "failed")]), 0.0);
-    assert_eq!(sum(&scrape, "infinitetalk_rows", &[("state", "queued")]), 0.0);
+    assert_eq!(
+        sum(&scrape, "infinitetalk_rows", &[("state", "failed")]),
+        0.0
+    );
+    assert_eq!(
+        sum(&scrape, "infinitetalk_rows", &[("state", "queued")]),
+        0.0
+    );
     assert_eq!(sum(&scrape, "infinitetalk_tasks_in_flight", &[]), 0.0);
     assert_eq!(
         sum(&scrape, "infinitetalk_batches", &[("phase", "finished")]),
         1.0
     );
-    assert_eq!(sum(&scrape, "infinitetalk_task_duration_seconds_count", &[]), n);
+    assert_eq!(
+        sum(&scrape, "infinitetalk_task_duration_seconds_count", &[]),
+        n
+    );
     assert_eq!(sum(&scrape, "infinitetalk_polls_per_task_count", &[]), n);
     assert!(sum(&scrape, "infinitetalk_download_bytes_total", &[]) > 0.0);
     let hist = scrape
@@ -453,7 +476,10 @@ async fn callbacks_are_only_hints() {
         .next()
         .expect("secret in the callback URL")
         .to_owned();
-    assert!(url.starts_with(&format!("{callback_base}/callback/")), "{url}");
+    assert!(
+        url.starts_with(&format!("{callback_base}/callback/")),
+        "{url}"
+    );
     assert!(secret.len() >= 16, "secret {secret:?}");
 
     // A server the forged result URL points at: nothing may connect to it.
@@ -505,7 +531,10 @@ async fn callbacks_are_only_hints() {
         (sim.handle.stats().status_requests > polls_before).then_some(())
     })
     .await;
-    assert!(confirmed.is_some(), "the callback was not confirmed by a status query");
+    assert!(
+        confirmed.is_some(),
+        "the callback was not confirmed by a status query"
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     // (b) An unknown task: 404.
     let mut unknown = forged.clone();
@@ -559,7 +588,10 @@ async fn callbacks_are_only_hints() {
             "one log line {needle:?}:\n{log}"
         );
     }
-    assert!(!log.contains(&secret), "the callback secret is logged:\n{log}");
+    assert!(
+        !log.contains(&secret),
+        "the callback secret is logged:\n{log}"
+    );
     sim.stop().await;
 }
 
@@ -652,7 +684,11 @@ fn example_config_parses_and_shows_every_key() {
     let all: String = text
         .lines()
         .map(|l| match l.strip_prefix("# ") {
-            Some(rest) if FILE_KEYS.iter().any(|k| rest.starts_with(&format!("{k} = "))) => {
+            Some(rest)
+                if FILE_KEYS
+                    .iter()
+                    .any(|k| rest.starts_with(&format!("{k} = "))) =>
+            {
                 rest.to_owned()
             }
             _ => l.to_owned(),
