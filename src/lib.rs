@@ -17,6 +17,7 @@
 //! - [`listener`]: `/status`, `/metrics` and callbacks over HTTP.
 //! - [`status`]: what `status` shows.
 //! - [`metrics`]: counters for `/metrics`.
+//! - [`probe`]: the length of a row's audio, read over HTTP before paying.
 //! - [`daemon`]: `run`, wiring it all together.
 //! - [`simulator`]: the built-in simulator of the API.
 //! - [`fsutil`]: atomic, durable file writes.
@@ -34,6 +35,7 @@ pub mod ingest;
 pub mod listener;
 pub mod manifest;
 pub mod metrics;
+pub mod probe;
 pub mod results;
 pub mod simulator;
 pub mod spec;
