@@ -226,7 +226,11 @@ async fn a_file_that_lies_or_is_cut_short() {
     let err = p.probe(&url("truncated.m4a")).await.expect_err("no moov");
     assert!(!err.is_transient(), "{err:?}");
     let err = p.probe(&url("cut.wav")).await.expect_err("cut short");
-    assert!(matches!(err, ProbeError::CutShort { .. }), "{err:?}");
+    // Cut short or a broken connection, depending on when the server gives up: retried.
+    assert!(
+        matches!(err, ProbeError::CutShort { .. } | ProbeError::Network(_)),
+        "{err:?}"
+    );
     assert!(err.is_transient());
 }
 
