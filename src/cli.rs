@@ -123,6 +123,11 @@ pub struct RunArgs {
 pub struct ValidateArgs {
     /// The manifest to check.
     pub file: PathBuf,
+    /// Also read every row's audio (HTTP Range, headers only) for its exact
+    /// length and cost; audio over 10 minutes, unreachable or not MP3, WAV or
+    /// M4A fails validation.
+    #[arg(long)]
+    pub probe: bool,
 }
 
 #[derive(Debug, Args)]

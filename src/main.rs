@@ -8,7 +8,7 @@ use infinitetalk_batch::cli::{Cli, Command, LogFormat, StatusArgs, ValidateArgs}
 use infinitetalk_batch::config::{Environment, FileSettings, Settings, default_listen};
 use infinitetalk_batch::manifest::{self, ManifestError};
 use infinitetalk_batch::spec::RowDefaults;
-use infinitetalk_batch::{daemon, simulator, status, store};
+use infinitetalk_batch::{daemon, probe, simulator, status, store};
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes: systemd skips restarts on a configuration error.
@@ -129,6 +129,9 @@ fn validate(args: &ValidateArgs) -> ExitCode {
                     summary.extra_columns.join(", ")
                 );
             }
+            if args.probe {
+                return runtime(|| probe_costs(args, defaults));
+            }
             println!(
                 "minimum cost: ${:.2} (5 s billed per row at its resolution's rate; the real cost depends on the audio length)",
                 summary.min_cost_usd(&defaults)
@@ -151,6 +154,64 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// `validate --probe`: every row's audio read for its exact cost.
+async fn probe_costs(args: &ValidateArgs, defaults: RowDefaults) -> ExitCode {
+    let http = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("infinitetalk-batch validate: cannot build the HTTP client: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let prober = probe::Prober::new(
+        http,
+        Duration::from_secs(30),
+        probe::DEFAULT_PROBES_IN_FLIGHT,
+    );
+    let estimate = match probe::estimate_manifest(
+        &args.file,
+        &defaults,
+        &prober,
+        probe::DEFAULT_PROBES_IN_FLIGHT,
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("infinitetalk-batch validate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if !estimate.problems.is_empty() {
+        for p in &estimate.problems {
+            println!("{p}");
+        }
+        eprintln!(
+            "{}: invalid ({} problem(s)); nothing would be submitted",
+            args.file.display(),
+            estimate.problems.len()
+        );
+        return ExitCode::from(1);
+    }
+    for (res, (rows, seconds, usd)) in &estimate.by_resolution {
+        println!("cost at {res}: ${usd:.2} ({rows} row(s), {seconds:.1} s of audio)");
+    }
+    println!(
+        "estimated cost: ${:.2} (audio lengths read from each file; billed per second, minimum 5 s per row)",
+        estimate.total_usd()
+    );
+    if estimate.long_rows > 0 {
+        println!(
+            "warning: {} row(s) have audio over 60 s; the model's quality is known to drift on long clips",
+            estimate.long_rows
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 async fn show_status(args: StatusArgs) -> ExitCode {

@@ -590,3 +590,61 @@ mod tests {
         );
     }
 }
+
+/// What `validate --probe` reports: the exact estimate of a manifest.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Estimate {
+    /// Per resolution: rows, seconds of audio, dollars.
+    pub by_resolution: std::collections::BTreeMap<crate::spec::Resolution, (u64, f64, f64)>,
+    /// `line N: column audio_url: ...`, in line order.
+    pub problems: Vec<String>,
+    /// Rows whose audio is longer than the model handles well.
+    pub long_rows: u64,
+}
+
+impl Estimate {
+    pub fn total_usd(&self) -> f64 {
+        self.by_resolution.values().map(|(_, _, usd)| usd).sum()
+    }
+}
+
+/// Probes every row of a (valid) manifest, `in_flight` at once.
+pub async fn estimate_manifest(
+    path: &std::path::Path,
+    defaults: &crate::spec::RowDefaults,
+    prober: &Prober,
+    in_flight: usize,
+) -> Result<Estimate, crate::manifest::ManifestError> {
+    let mut reader = crate::manifest::RowReader::open(path, None)?;
+    let mut rows = Vec::new();
+    while let Some((row, _)) = reader.next_row()? {
+        rows.push((
+            row.line,
+            row.spec.resolution_or(defaults),
+            row.spec.audio_url,
+        ));
+    }
+    let probed: Vec<_> = futures_util::stream::iter(rows)
+        .map(|(line, res, url)| async move { (line, res, prober.probe(&url).await) })
+        .buffered(in_flight.max(1))
+        .collect()
+        .await;
+    let mut estimate = Estimate::default();
+    for (line, res, result) in probed {
+        match result {
+            Ok(p) => {
+                let slot = estimate.by_resolution.entry(res).or_default();
+                slot.0 += 1;
+                slot.1 += p.seconds;
+                slot.2 += res.cost_usd(p.seconds);
+                if p.seconds > LONG_AUDIO_SECONDS {
+                    estimate.long_rows += 1;
+                }
+            }
+            Err(e) => estimate
+                .problems
+                .push(format!("line {line}: column audio_url: {e}")),
+        }
+    }
+    Ok(estimate)
+}
