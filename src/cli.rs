@@ -114,6 +114,14 @@ pub struct RunArgs {
     /// While submission is paused (credits, 401), how often one row is tried [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub pause_probe: Option<Duration>,
+    /// Read each row's audio length just before submitting it: exact costs in
+    /// results.csv, and bad audio fails the row before it is paid for.
+    #[arg(long)]
+    pub probe: bool,
+    /// Stop submitting before the spend (known cost of submitted rows) would
+    /// cross this many US dollars [default: no cap].
+    #[arg(long, value_name = "USD")]
+    pub max_spend_usd: Option<f64>,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,

@@ -16,6 +16,7 @@
 //! - [`results`]: `results.csv` when a batch ends.
 //! - [`listener`]: `/status`, `/metrics` and callbacks over HTTP.
 //! - [`status`]: what `status` shows.
+//! - [`manage`]: `retry` and `cancel` of a batch; spend gauges.
 //! - [`metrics`]: counters for `/metrics`.
 //! - [`probe`]: the length of a row's audio, read over HTTP before paying.
 //! - [`daemon`]: `run`, wiring it all together.
@@ -33,6 +34,7 @@ pub mod fsutil;
 pub mod inbox;
 pub mod ingest;
 pub mod listener;
+pub mod manage;
 pub mod manifest;
 pub mod metrics;
 pub mod probe;
