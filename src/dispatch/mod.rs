@@ -213,8 +213,17 @@ impl Engine {
         }
     }
 
+    /// The API accepts again. A spend-cap pause stays: only a new cap ends it.
     fn clear_pause(&self) {
-        let was = self.pause.send_replace(None);
+        let mut was = None;
+        self.pause.send_if_modified(|p| {
+            if p.is_some() && *p != Some(PauseReason::SpendCap) {
+                was = p.take();
+                true
+            } else {
+                false
+            }
+        });
         if let Some(reason) = was {
             tracing::info!(
                 was = reason.as_str(),
