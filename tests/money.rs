@@ -230,3 +230,83 @@ async fn cancel_ends_queued_rows_with_the_daemon_running_or_not() {
     assert!(results.iter().all(|r| r["fail_code"] == "CANCELLED"));
     sim.stop().await;
 }
+
+/// A 16-bit mono PCM WAV of `seconds` of silence at 8 kHz.
+fn wav(seconds: u32) -> Vec<u8> {
+    let data = seconds * 8_000 * 2;
+    let mut v = Vec::new();
+    v.extend_from_slice(b"RIFF");
+    v.extend_from_slice(&(36 + data).to_le_bytes());
+    v.extend_from_slice(b"WAVEfmt ");
+    v.extend_from_slice(&16u32.to_le_bytes());
+    v.extend_from_slice(&1u16.to_le_bytes());
+    v.extend_from_slice(&1u16.to_le_bytes());
+    v.extend_from_slice(&8_000u32.to_le_bytes());
+    v.extend_from_slice(&16_000u32.to_le_bytes());
+    v.extend_from_slice(&2u16.to_le_bytes());
+    v.extend_from_slice(&16u16.to_le_bytes());
+    v.extend_from_slice(b"data");
+    v.extend_from_slice(&data.to_le_bytes());
+    v.resize(v.len() + data as usize, 0);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probed_rows_carry_their_cost_and_bad_audio_is_never_submitted() {
+    use axum::routing::get;
+    let app = axum::Router::new()
+        .route("/seven.wav", get(|| async { wav(7) }))
+        .route("/page.wav", get(|| async { "<html>not audio</html>" }));
+    let files = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let base = format!("http://{}", files.local_addr().expect("addr"));
+    tokio::spawn(async move {
+        let _ = axum::serve(files, app).await;
+    });
+    let sim = Sim::start(fast_sim()).await;
+    let dirs = Dirs::new();
+    let row = |id: &str, path: &str| {
+        (
+            id.to_owned(),
+            format!("https://img.example/{id}.png"),
+            format!("{base}/{path}"),
+        )
+    };
+    write_manifest(
+        &dirs.inbox,
+        "probed.csv",
+        &[
+            row("good", "seven.wav"),
+            row("missing", "missing.wav"),
+            row("page", "page.wav"),
+        ],
+    );
+    let listen = free_addr();
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &args(&["--probe"]), 0);
+    let path = results_path(&dirs, "probed");
+    let finished = wait_for(Duration::from_secs(60), || path.exists().then_some(())).await;
+    let report = status(listen).await;
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    assert!(finished.is_some(), "log:\n{}", log_text(&dirs, 0));
+    let results = read_results(&path);
+    let by_id = |id: &str| {
+        results
+            .iter()
+            .find(|r| r["id"] == id)
+            .unwrap_or_else(|| panic!("row {id}"))
+    };
+    assert_eq!(by_id("good")["state"], "done");
+    assert_eq!(by_id("good")["audio_seconds"], "7.00");
+    assert_eq!(by_id("good")["cost_usd"], "0.2100");
+    assert_eq!(by_id("missing")["state"], "failed");
+    assert_eq!(by_id("missing")["fail_code"], "AUDIO_PROBE_FAILED");
+    assert!(by_id("missing")["fail_msg"].contains("HTTP 404"));
+    assert_eq!(by_id("page")["fail_code"], "AUDIO_UNSUPPORTED");
+    assert_eq!(by_id("page")["task_id"], "");
+    assert_eq!(sim.handle.tasks().len(), 1, "bad audio is never submitted");
+    let spend = report.and_then(|r| r.spend).expect("spend in status");
+    assert!((spend.spent_usd - 0.21).abs() < 1e-9, "{spend:?}");
+    assert!((spend.audio_seconds - 7.0).abs() < 1e-9, "{spend:?}");
+    sim.stop().await;
+}
