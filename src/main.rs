@@ -119,7 +119,9 @@ fn validate(args: &ValidateArgs) -> ExitCode {
     match manifest::validate_path(&args.file) {
         Ok(summary) => {
             let defaults = RowDefaults::default();
-            println!("{}: valid", args.file.display());
+            if !args.probe {
+                println!("{}: valid", args.file.display());
+            }
             println!("rows: {}", summary.rows);
             for (res, n) in &summary.by_resolution {
                 let label = match res {
@@ -210,6 +212,7 @@ async fn probe_costs(args: &ValidateArgs, defaults: RowDefaults) -> ExitCode {
         "estimated cost: ${:.2} (audio lengths read from each file; billed per second, minimum 5 s per row)",
         estimate.total_usd()
     );
+    println!("{}: valid", args.file.display());
     if estimate.long_rows > 0 {
         println!(
             "warning: {} row(s) have audio over 60 s; the model's quality is known to drift on long clips",
