@@ -21,6 +21,8 @@ pub const STATUS_PATH: &str = "/api/v1/statusTask/infinitetalk";
 pub enum PauseReason {
     InsufficientCredits,
     Unauthorized,
+    /// `--max-spend-usd` would be crossed by the next row: only a higher cap resumes.
+    SpendCap,
 }
 
 impl PauseReason {
@@ -28,6 +30,7 @@ impl PauseReason {
         match self {
             PauseReason::InsufficientCredits => "insufficient credits",
             PauseReason::Unauthorized => "API key refused (401)",
+            PauseReason::SpendCap => "spend cap reached (raise --max-spend-usd to go on)",
         }
     }
 }

@@ -32,6 +32,49 @@ pub enum Command {
     Status(StatusArgs),
     /// Run the built-in simulator of the API alone.
     Simulate(SimulateArgs),
+    /// Queue a batch's failed rows again, each as a new (paid) task.
+    Retry(RetryArgs),
+    /// Stop submitting a batch: its queued rows end failed (CANCELLED).
+    Cancel(CancelArgs),
+}
+
+/// Where a running daemon listens, or its state when none runs.
+#[derive(Debug, Args)]
+pub struct DaemonArgs {
+    /// Address of the daemon's listener [default: 127.0.0.1:8686, or the config's].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// State folder to use when no daemon answers [default: ./state, or the config's].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// Outbox, for results.csv when no daemon answers [default: ./outbox, or the config's].
+    #[arg(long, value_name = "DIR")]
+    pub outbox: Option<PathBuf>,
+    /// TOML config file of the daemon.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The batch (its folder name under the outbox).
+    pub batch: String,
+    /// Retry failed rows (the default selection).
+    #[arg(long)]
+    pub failed: bool,
+    /// Only rows failed with these fail codes (comma-separated).
+    #[arg(long, value_name = "C,...", value_delimiter = ',')]
+    pub codes: Option<Vec<String>>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The batch (its folder name under the outbox).
+    pub batch: String,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Deserialize)]
@@ -114,6 +157,14 @@ pub struct RunArgs {
     /// While submission is paused (credits, 401), how often one row is tried [default: 30s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub pause_probe: Option<Duration>,
+    /// Read each row's audio length just before submitting it: exact costs in
+    /// results.csv, and bad audio fails the row before it is paid for.
+    #[arg(long)]
+    pub probe: bool,
+    /// Stop submitting before the spend (known cost of submitted rows) would
+    /// cross this many US dollars [default: no cap].
+    #[arg(long, value_name = "USD")]
+    pub max_spend_usd: Option<f64>,
     /// Log format on stderr [default: text].
     #[arg(long, value_enum, value_name = "FORMAT")]
     pub log_format: Option<LogFormat>,
@@ -123,6 +174,11 @@ pub struct RunArgs {
 pub struct ValidateArgs {
     /// The manifest to check.
     pub file: PathBuf,
+    /// Also read every row's audio (HTTP Range, headers only) for its exact
+    /// length and cost; audio over 10 minutes, unreachable or not MP3, WAV or
+    /// M4A fails validation.
+    #[arg(long)]
+    pub probe: bool,
 }
 
 #[derive(Debug, Args)]

@@ -94,6 +94,11 @@ pub struct FileSettings {
     /// While paused (credits, 401), how often one row is tried.
     #[serde(default, alias = "pause_probe", with = "humantime_serde")]
     pub pause_probe: Option<Duration>,
+    /// Read each row's audio length before submitting it.
+    pub probe: Option<bool>,
+    /// Spend cap in US dollars.
+    #[serde(alias = "max_spend_usd")]
+    pub max_spend_usd: Option<f64>,
 }
 
 impl FileSettings {
@@ -153,6 +158,10 @@ pub struct Settings {
     pub download_give_up: Duration,
     pub max_downloads: u32,
     pub pause_probe: Duration,
+    /// Probe each row's audio before submitting it.
+    pub probe: bool,
+    /// Submission pauses before the spend would cross this.
+    pub max_spend_usd: Option<f64>,
 }
 
 /// Where the key comes from when no flag or file names it.
@@ -284,6 +293,15 @@ impl Settings {
             .stop_timeout
             .or(file.stop_timeout)
             .unwrap_or(Duration::from_secs(20));
+        let max_spend_usd = args.max_spend_usd.or(file.max_spend_usd);
+        if let Some(cap) = max_spend_usd
+            && !(cap.is_finite() && cap >= 0.0)
+        {
+            return Err(ConfigError::Invalid {
+                key: "max-spend-usd",
+                message: format!("{cap} is not an amount of dollars"),
+            });
+        }
         let max_downloads = file.max_downloads.unwrap_or(8);
         positive("max-downloads", max_downloads)?;
         Ok(Settings {
@@ -336,6 +354,8 @@ impl Settings {
                 .pause_probe
                 .or(file.pause_probe)
                 .unwrap_or(Duration::from_secs(30)),
+            probe: args.probe || file.probe.unwrap_or(false),
+            max_spend_usd,
         })
     }
 }

@@ -16,7 +16,9 @@
 //! - [`results`]: `results.csv` when a batch ends.
 //! - [`listener`]: `/status`, `/metrics` and callbacks over HTTP.
 //! - [`status`]: what `status` shows.
+//! - [`manage`]: `retry` and `cancel` of a batch; spend gauges.
 //! - [`metrics`]: counters for `/metrics`.
+//! - [`probe`]: the length of a row's audio, read over HTTP before paying.
 //! - [`daemon`]: `run`, wiring it all together.
 //! - [`simulator`]: the built-in simulator of the API.
 //! - [`fsutil`]: atomic, durable file writes.
@@ -32,8 +34,10 @@ pub mod fsutil;
 pub mod inbox;
 pub mod ingest;
 pub mod listener;
+pub mod manage;
 pub mod manifest;
 pub mod metrics;
+pub mod probe;
 pub mod results;
 pub mod simulator;
 pub mod spec;

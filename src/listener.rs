@@ -31,6 +31,7 @@ struct App {
 }
 
 pub fn router(engine: Arc<Engine>, registry: Registry, secret: String) -> Router {
+    let manage = crate::manage::routes(engine.clone());
     let app = App {
         engine,
         registry: Arc::new(registry),
@@ -42,6 +43,7 @@ pub fn router(engine: Arc<Engine>, registry: Registry, secret: String) -> Router
         .route("/callback/{secret}", post(callback_handler))
         .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
         .with_state(app)
+        .merge(manage)
 }
 
 /// The live report of a running daemon.
@@ -64,6 +66,13 @@ pub fn live_report(engine: &Engine) -> Report {
         tasks_in_flight: Some(engine.tasks_in_flight()),
         requests_last_minute: Some(engine.budget.sent_in_window() as u64),
         simulated: engine.settings.simulate,
+        spend: status::Spend::from_store(&engine.store)
+            .map(|s| status::Spend {
+                cap_usd: *engine.spend_cap.borrow(),
+                probing: engine.settings.probe,
+                ..s
+            })
+            .ok(),
     }
 }
 
@@ -136,6 +145,7 @@ fn store_metrics(engine: &Engine) -> String {
         "infinitetalk_submission_paused {}\n",
         u8::from(engine.paused().is_some())
     ));
+    out.push_str(&crate::manage::spend_metrics(engine));
     out.push_str("# HELP infinitetalk_requests_in_window API requests sent in the last window.\n# TYPE infinitetalk_requests_in_window gauge\n");
     out.push_str(&format!(
         "infinitetalk_requests_in_window {}\n",

@@ -4,11 +4,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use infinitetalk_batch::cli::{Cli, Command, LogFormat, StatusArgs, ValidateArgs};
+use infinitetalk_batch::cli::{Cli, Command, DaemonArgs, LogFormat, StatusArgs, ValidateArgs};
 use infinitetalk_batch::config::{Environment, FileSettings, Settings, default_listen};
 use infinitetalk_batch::manifest::{self, ManifestError};
 use infinitetalk_batch::spec::RowDefaults;
-use infinitetalk_batch::{daemon, simulator, status, store};
+use infinitetalk_batch::{daemon, manage, probe, simulator, status, store};
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes: systemd skips restarts on a configuration error.
@@ -43,6 +43,11 @@ fn main() -> ExitCode {
         }
         Command::Validate(args) => validate(&args),
         Command::Status(args) => runtime(|| show_status(args)),
+        Command::Retry(args) => {
+            let req = manage::RetryRequest { codes: args.codes };
+            runtime(|| manage_batch(args.daemon, args.batch, Some(req)))
+        }
+        Command::Cancel(args) => runtime(|| manage_batch(args.daemon, args.batch, None)),
         Command::Simulate(args) => {
             init_logging(LogFormat::Text);
             runtime(|| async move {
@@ -114,7 +119,9 @@ fn validate(args: &ValidateArgs) -> ExitCode {
     match manifest::validate_path(&args.file) {
         Ok(summary) => {
             let defaults = RowDefaults::default();
-            println!("{}: valid", args.file.display());
+            if !args.probe {
+                println!("{}: valid", args.file.display());
+            }
             println!("rows: {}", summary.rows);
             for (res, n) in &summary.by_resolution {
                 let label = match res {
@@ -128,6 +135,9 @@ fn validate(args: &ValidateArgs) -> ExitCode {
                     "extra columns carried to results.csv: {}",
                     summary.extra_columns.join(", ")
                 );
+            }
+            if args.probe {
+                return runtime(|| probe_costs(args, defaults));
             }
             println!(
                 "minimum cost: ${:.2} (5 s billed per row at its resolution's rate; the real cost depends on the audio length)",
@@ -149,6 +159,201 @@ fn validate(args: &ValidateArgs) -> ExitCode {
         Err(e @ ManifestError::Io { .. }) => {
             eprintln!("infinitetalk-batch validate: {e}");
             ExitCode::from(1)
+        }
+    }
+}
+
+/// `validate --probe`: every row's audio read for its exact cost.
+async fn probe_costs(args: &ValidateArgs, defaults: RowDefaults) -> ExitCode {
+    let http = match reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("infinitetalk-batch validate: cannot build the HTTP client: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let prober = probe::Prober::new(
+        http,
+        Duration::from_secs(30),
+        probe::DEFAULT_PROBES_IN_FLIGHT,
+    );
+    let estimate = match probe::estimate_manifest(
+        &args.file,
+        &defaults,
+        &prober,
+        probe::DEFAULT_PROBES_IN_FLIGHT,
+    )
+    .await
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("infinitetalk-batch validate: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    if !estimate.problems.is_empty() {
+        for p in &estimate.problems {
+            println!("{p}");
+        }
+        eprintln!(
+            "{}: invalid ({} problem(s)); nothing would be submitted",
+            args.file.display(),
+            estimate.problems.len()
+        );
+        return ExitCode::from(1);
+    }
+    for (res, (rows, seconds, usd)) in &estimate.by_resolution {
+        println!("cost at {res}: ${usd:.2} ({rows} row(s), {seconds:.1} s of audio)");
+    }
+    println!(
+        "estimated cost: ${:.2} (audio lengths read from each file; billed per second, minimum 5 s per row)",
+        estimate.total_usd()
+    );
+    println!("{}: valid", args.file.display());
+    if estimate.long_rows > 0 {
+        println!(
+            "warning: {} row(s) have audio over 60 s; the model's quality is known to drift on long clips",
+            estimate.long_rows
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+/// `retry` (with a request) or `cancel`: the daemon first, else the state folder.
+async fn manage_batch(
+    args: DaemonArgs,
+    batch: String,
+    retry: Option<manage::RetryRequest>,
+) -> ExitCode {
+    let what = if retry.is_some() { "retry" } else { "cancel" };
+    let file = match &args.config {
+        Some(path) => match FileSettings::load(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("infinitetalk-batch {what}: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => FileSettings::default(),
+    };
+    let listen = args.listen.or(file.listen).unwrap_or_else(default_listen);
+    let folders = infinitetalk_batch::ingest::Folders {
+        inbox: file.inbox.unwrap_or_else(|| "inbox".into()),
+        outbox: args
+            .outbox
+            .or(file.outbox)
+            .unwrap_or_else(|| "outbox".into()),
+    };
+    let state = args.state.or(file.state).unwrap_or_else(|| "state".into());
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(600))
+        .connect_timeout(Duration::from_secs(3))
+        .build()
+    else {
+        eprintln!("infinitetalk-batch {what}: cannot build the HTTP client");
+        return ExitCode::from(EXIT_RUNTIME);
+    };
+    let Ok(mut url) = url::Url::parse(&format!("http://{listen}/")) else {
+        eprintln!("infinitetalk-batch {what}: bad listen address {listen}");
+        return ExitCode::from(EXIT_CONFIG);
+    };
+    if let Ok(mut path) = url.path_segments_mut() {
+        // Escapes the batch name.
+        path.pop_if_empty().extend(["batches", &batch, what]);
+    }
+    let mut request = client.post(url);
+    if let Some(req) = &retry {
+        request = request.json(req);
+    }
+    let (text, live) = match request.send().await {
+        Ok(resp) if resp.status().is_success() => match resp.text().await {
+            Ok(t) => (describe(what, &t), true),
+            Err(e) => {
+                eprintln!("infinitetalk-batch {what}: the daemon's answer was cut: {e}");
+                return ExitCode::from(EXIT_RUNTIME);
+            }
+        },
+        Ok(resp) => {
+            let status = resp.status();
+            let body = resp.text().await.unwrap_or_default();
+            eprintln!("infinitetalk-batch {what}: the daemon refused ({status}): {body}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+        Err(e) if e.is_connect() => {
+            let batch2 = batch.clone();
+            let done = tokio::task::spawn_blocking(move || -> Result<String, String> {
+                let store = store::Store::open(&state).map_err(|e| e.to_string())?;
+                let text = match &retry {
+                    Some(req) => {
+                        let out = manage::retry(&store, &batch2, req).map_err(|e| e.to_string())?;
+                        serde_json::to_string(&out).map_err(|e| e.to_string())?
+                    }
+                    None => {
+                        let out =
+                            manage::cancel(&store, &folders, &batch2).map_err(|e| e.to_string())?;
+                        manage::finish_offline(&store, &folders, &batch2)
+                            .map_err(|e| e.to_string())?;
+                        serde_json::to_string(&out).map_err(|e| e.to_string())?
+                    }
+                };
+                Ok(text)
+            })
+            .await;
+            match done {
+                Ok(Ok(t)) => (describe(what, &t), false),
+                Ok(Err(e)) => {
+                    eprintln!("infinitetalk-batch {what}: no daemon answers at {listen}, and {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+                Err(e) => {
+                    eprintln!("infinitetalk-batch {what}: {e}");
+                    return ExitCode::from(EXIT_RUNTIME);
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!(
+                "infinitetalk-batch {what}: no usable answer from the daemon at {listen}: {e}"
+            );
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    println!("{text}");
+    if !live {
+        println!("(done on the state folder: no daemon was running)");
+    }
+    ExitCode::SUCCESS
+}
+
+/// The JSON outcome of retry/cancel, said plainly.
+fn describe(what: &str, json: &str) -> String {
+    if what == "retry" {
+        match serde_json::from_str::<manage::RetryOutcome>(json) {
+            Ok(o) => format!(
+                "batch {}: {} failed row(s) queued again, each as a NEW task that is paid for again{}",
+                o.batch,
+                o.requeued,
+                if o.rows.is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", o.rows.join(", "))
+                }
+            ),
+            Err(_) => json.to_owned(),
+        }
+    } else {
+        match serde_json::from_str::<manage::CancelOutcome>(json) {
+            Ok(o) => format!(
+                "batch {}: {} queued row(s) cancelled (failed, CANCELLED; never submitted); {} task(s) still running will finish and be downloaded{}",
+                o.batch,
+                o.cancelled,
+                o.still_running,
+                if o.ended { "; every row has ended" } else { "" }
+            ),
+            Err(_) => json.to_owned(),
         }
     }
 }

@@ -38,6 +38,32 @@ pub struct Limits {
     pub max_requests_per_minute: u32,
 }
 
+/// Money: what has been spent and the cap.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Spend {
+    /// Known cost of the rows submitted (the 5 s minimum for rows not probed).
+    pub spent_usd: f64,
+    /// Seconds of probed audio submitted.
+    pub audio_seconds: f64,
+    #[serde(default)]
+    pub cap_usd: Option<f64>,
+    /// Rows are probed for their exact cost before submission.
+    #[serde(default)]
+    pub probing: bool,
+}
+
+impl Spend {
+    pub fn from_store(store: &Store) -> Result<Spend, StoreError> {
+        let totals = store.spend()?;
+        Ok(Spend {
+            spent_usd: totals.usd,
+            audio_seconds: totals.audio_seconds,
+            cap_usd: None,
+            probing: false,
+        })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Report {
     /// True when a running daemon answered; false when read from the store.
@@ -53,6 +79,8 @@ pub struct Report {
     pub requests_last_minute: Option<u64>,
     #[serde(default)]
     pub simulated: bool,
+    #[serde(default)]
+    pub spend: Option<Spend>,
 }
 
 /// The batches as the store has them (ingesting ones left out).
@@ -75,6 +103,7 @@ pub fn from_store(store: &Store) -> Result<Report, StoreError> {
         tasks_in_flight: None,
         requests_last_minute: None,
         simulated: false,
+        spend: Some(Spend::from_store(store)?),
     })
 }
 
@@ -108,6 +137,21 @@ pub fn render(report: &Report) -> String {
         out.push_str(&format!(
             "tasks in flight: {t}/{}   requests in the last minute: {r}/{}\n",
             l.max_concurrent, l.max_requests_per_minute
+        ));
+    }
+    if let Some(s) = &report.spend {
+        out.push_str(&format!("spent: ${:.2}", s.spent_usd));
+        if let Some(cap) = s.cap_usd {
+            out.push_str(&format!(" of a ${cap:.2} cap"));
+        }
+        out.push_str(&format!(
+            "   audio submitted: {:.1} s{}\n",
+            s.audio_seconds,
+            if s.probing {
+                ""
+            } else {
+                " (not probed: 5 s minimum counted per row)"
+            }
         ));
     }
     let width = report

@@ -12,6 +12,7 @@
 
 pub mod budget;
 pub mod schedule;
+mod spend;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -74,6 +75,10 @@ pub struct Engine {
     /// `born` at its last iteration (it wakes at least every second).
     poll_tick_ms: std::sync::atomic::AtomicU64,
     born: Instant,
+    /// Reads audio lengths before submission (`--probe`).
+    pub prober: crate::probe::Prober,
+    /// `--max-spend-usd`; a new value (a reload) wakes a paused submitter.
+    pub spend_cap: watch::Sender<Option<f64>>,
 }
 
 /// The receiving ends the engine's loops own.
@@ -121,7 +126,7 @@ impl Engine {
             slots: Arc::new(Semaphore::new(settings.max_concurrent as usize)),
             store,
             api,
-            http,
+            http: http.clone(),
             folders,
             metrics,
             pause: watch::channel(None).0,
@@ -137,6 +142,12 @@ impl Engine {
             in_flight: std::sync::atomic::AtomicU64::new(0),
             poll_tick_ms: std::sync::atomic::AtomicU64::new(0),
             born: Instant::now(),
+            prober: crate::probe::Prober::new(
+                http.clone(),
+                settings.api_timeout.max(Duration::from_secs(10)),
+                crate::probe::DEFAULT_PROBES_IN_FLIGHT,
+            ),
+            spend_cap: watch::channel(settings.max_spend_usd).0,
             settings,
         };
         Ok((
@@ -203,6 +214,11 @@ impl Engine {
             .store(now, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Sets a new spend cap (a config reload); a higher one resumes submission.
+    pub fn set_spend_cap(&self, cap: Option<f64>) {
+        self.spend_cap.send_replace(cap);
+    }
+
     fn set_pause(&self, reason: PauseReason) {
         let changed = self.pause.send_if_modified(|p| {
             let changed = *p != Some(reason);
@@ -217,8 +233,17 @@ impl Engine {
         }
     }
 
+    /// The API accepts again. A spend-cap pause stays: only a new cap ends it.
     fn clear_pause(&self) {
-        let was = self.pause.send_replace(None);
+        let mut was = None;
+        self.pause.send_if_modified(|p| {
+            if p.is_some() && *p != Some(PauseReason::SpendCap) {
+                was = p.take();
+                true
+            } else {
+                false
+            }
+        });
         if let Some(reason) = was {
             tracing::info!(
                 was = reason.as_str(),
@@ -315,9 +340,21 @@ pub fn resume(engine: &Arc<Engine>) -> Result<usize, StoreError> {
 pub async fn submit_loop(engine: Arc<Engine>) {
     let mut feed = Feed::default();
     let mut failures = 0u32;
+    let mut cap = engine.spend_cap.subscribe();
     loop {
         if engine.shutdown.is_cancelled() {
             break;
+        }
+        if engine.paused() == Some(PauseReason::SpendCap) {
+            // Asking the API helps nothing here: only a new cap does.
+            tokio::select! {
+                changed = cap.changed() => if changed.is_err() { break },
+                () = engine.shutdown.cancelled() => break,
+            }
+            if engine.pause.send_replace(None).is_some() {
+                tracing::info!(cap_usd = ?*cap.borrow(), "spend cap changed; submission resumes");
+            }
+            continue;
         }
         let probing = engine.paused().is_some();
         if probing {
@@ -382,11 +419,24 @@ pub async fn submit_loop(engine: Arc<Engine>) {
             }
             group.push((slot, feed.pop()));
         }
-        let claims: Vec<Claim> = group.iter().filter_map(|(_, c)| c.clone()).collect();
+        let (group, outcomes) = spend::plan(&engine, &mut feed, group).await;
+        if group.is_empty() {
+            continue;
+        }
+        let claims: Vec<Claim> = group.iter().map(|(_, c)| c.clone()).collect();
         let claimed = match engine.store.mark_submitting(&claims) {
             Ok(claimed) => claimed,
             Err(e) => {
                 tracing::error!(error = %e, "cannot mark rows as submitting; retrying");
+                feed.reset();
+                continue;
+            }
+        };
+        let send = match spend::apply(&engine, group, claimed, outcomes) {
+            Ok(send) => send,
+            Err(e) => {
+                // The rows stay `submitting`: the next start queues them again.
+                tracing::error!(error = %e, "cannot record the rows' costs; retrying");
                 feed.reset();
                 continue;
             }
@@ -400,7 +450,7 @@ pub async fn submit_loop(engine: Arc<Engine>) {
             }
             continue;
         }
-        for ((slot, _), (key, record)) in group.into_iter().zip(claimed) {
+        for (slot, key, record) in send {
             let engine2 = engine.clone();
             if probing {
                 submit_row(engine2, key, record, slot).await;
@@ -422,6 +472,16 @@ struct Feed {
 impl Feed {
     fn is_empty(&self) -> bool {
         self.pending.is_empty()
+    }
+
+    /// Puts claims taken but not used back at the front, in order.
+    fn unpop(&mut self, claims: Vec<Claim>) {
+        for claim in claims.into_iter().rev() {
+            if let Claim::Again(key) = &claim {
+                self.queued_keys.insert(*key);
+            }
+            self.pending.push_front(claim);
+        }
     }
 
     fn pop(&mut self) -> Option<Claim> {
@@ -454,7 +514,7 @@ impl Feed {
             return Ok(self.pending.len());
         }
         for batch in engine.store.batches()? {
-            if batch.phase != BatchPhase::Active || batch.unclaimed() == 0 {
+            if batch.phase != BatchPhase::Active || batch.unclaimed() == 0 || batch.cancelled {
                 self.readers.remove(&batch.seq);
                 continue;
             }
@@ -567,6 +627,7 @@ async fn submit_row(
                     continue;
                 }
                 engine.metrics.request("submit", "refused");
+                refund(&engine, &record);
                 let msg = match &e {
                     ApiError::Refused { message, .. } => message.clone(),
                     other => other.to_string(),
@@ -580,7 +641,21 @@ async fn submit_row(
     }
 }
 
+/// A row that went back without a task costs nothing.
+fn refund(engine: &Engine, record: &RowRecord) {
+    let usd = spend::counted_cost(engine, record);
+    if let Err(e) = engine
+        .store
+        .add_spend(-usd, -record.audio_seconds.unwrap_or(0.0))
+    {
+        tracing::error!(row = %record.id, error = %e, "cannot refund a row's cost");
+    }
+}
+
 fn requeue(engine: &Engine, key: RowKey, id: &str, batch: &str) {
+    if let Ok(Some(record)) = engine.store.row(key) {
+        refund(engine, &record);
+    }
     let result = engine.store.transition(key, |r| {
         r.state = RowState::Queued;
         Ok(())

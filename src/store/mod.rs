@@ -24,6 +24,9 @@ use crate::spec::RowSpec;
 
 pub use self::sled::Store;
 
+/// Fail code of rows a `cancel` ended.
+pub const CANCELLED: &str = "CANCELLED";
+
 /// Version of the on-disk layout this build reads and writes.
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -231,6 +234,9 @@ pub struct BatchRecord {
     /// Submitted against the built-in simulator: outputs are not real.
     #[serde(default)]
     pub simulated: bool,
+    /// Cancelled by the operator: its queued rows are never submitted.
+    #[serde(default)]
+    pub cancelled: bool,
 }
 
 impl BatchRecord {
@@ -272,6 +278,14 @@ pub enum Begin {
     Duplicate {
         earlier: String,
     },
+}
+
+/// What has been spent, kept across restarts: the known (or, unprobed,
+/// minimum) cost and audio of every row submitted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct SpendTotals {
+    pub usd: f64,
+    pub audio_seconds: f64,
 }
 
 /// Requests sent in one second, for the sliding-window budget across restarts.

@@ -12,7 +12,7 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 
 use super::{
     BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, LedgerEntry, RowKey, RowRecord,
-    RowState, SCHEMA_VERSION, StoreError, now_ms,
+    RowState, SCHEMA_VERSION, SpendTotals, StoreError, now_ms,
 };
 
 const FORMAT_FILE: &str = "FORMAT";
@@ -21,6 +21,7 @@ const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_NEXT_SEQ: &[u8] = b"next_batch_seq";
 const KEY_LEDGER: &[u8] = b"request_ledger";
 const KEY_SECRET: &[u8] = b"callback_secret";
+const KEY_SPEND: &[u8] = b"spend";
 
 /// The durable state of one daemon. Cloning shares the database.
 #[derive(Clone)]
@@ -274,6 +275,7 @@ impl Store {
                     created_at_ms: now_ms(),
                     finished_at_ms: None,
                     simulated: false,
+                    cancelled: false,
                 };
                 tx_put_batch(batches, &record)?;
                 hashes.insert(sha256.as_bytes(), &seq.to_be_bytes())?;
@@ -350,6 +352,132 @@ impl Store {
                 b.finished_at_ms = None;
             }
         })
+    }
+
+    /// The accepted batch named `name`, if any.
+    pub fn batch_named(&self, name: &str) -> Result<Option<BatchRecord>, StoreError> {
+        Ok(self
+            .batches()?
+            .into_iter()
+            .find(|b| b.name == name && b.phase != BatchPhase::Ingesting))
+    }
+
+    /// Queues failed rows of a batch again (all, or those whose fail code is
+    /// in `codes`), each for a new task; the batch becomes active again.
+    pub fn requeue_failed(
+        &self,
+        seq: BatchSeq,
+        codes: Option<&[String]>,
+    ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+        let mut chosen = Vec::new();
+        self.for_each_row(seq, |key, r| {
+            let code = r.fail_code.as_deref().unwrap_or("");
+            if r.state == RowState::Failed && codes.is_none_or(|c| c.iter().any(|c| c == code)) {
+                chosen.push(key);
+            }
+            Ok(())
+        })?;
+        let mut out = Vec::with_capacity(chosen.len());
+        for key in chosen {
+            let record = self.transition(key, |r| {
+                if r.state != RowState::Failed {
+                    return Err(StoreError::WrongState {
+                        key,
+                        found: r.state.as_str(),
+                        action: "retry it",
+                    });
+                }
+                if let Some(old) = r.task_id.take() {
+                    r.previous_tasks.push(old);
+                }
+                r.state = RowState::Queued;
+                r.resubmits = 0;
+                r.submitted_at_ms = None;
+                r.finished_at_ms = None;
+                r.cost_time_ms = None;
+                r.result_urls.clear();
+                r.outputs.clear();
+                r.fail_code = None;
+                r.fail_msg = None;
+                Ok(())
+            })?;
+            out.push((key, record));
+        }
+        self.update_batch(seq, |b| {
+            b.cancelled = false;
+            if b.phase == BatchPhase::Finished && !out.is_empty() {
+                b.phase = BatchPhase::Active;
+                b.finished_at_ms = None;
+            }
+        })?;
+        Ok(out)
+    }
+
+    /// Marks a batch cancelled and ends its queued rows as `failed`
+    /// (`CANCELLED`). Returns how many rows it ended. Rows never claimed are
+    /// ended by [`Store::cancel_unclaimed`].
+    pub fn cancel_batch(&self, seq: BatchSeq, msg: &str) -> Result<u64, StoreError> {
+        self.update_batch(seq, |b| b.cancelled = true)?;
+        let mut queued = Vec::new();
+        self.for_each_row(seq, |key, r| {
+            if r.state == RowState::Queued {
+                queued.push(key);
+            }
+            Ok(())
+        })?;
+        let mut n = 0;
+        for key in queued {
+            let ended = self.transition(key, |r| {
+                if r.state == RowState::Queued {
+                    r.state = RowState::Failed;
+                    r.fail_code = Some(super::CANCELLED.into());
+                    r.fail_msg = Some(msg.to_owned());
+                }
+                Ok(())
+            })?;
+            if ended.state == RowState::Failed {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Ends never-claimed rows of a cancelled batch as `failed` (`CANCELLED`)
+    /// and moves its cursor to `next`. Rows claimed meanwhile are left alone.
+    pub fn cancel_unclaimed(
+        &self,
+        seq: BatchSeq,
+        rows: &[crate::manifest::ManifestRow],
+        next: crate::manifest::ReadPosition,
+        msg: &str,
+    ) -> Result<u64, StoreError> {
+        let result =
+            (&self.batches, &self.rows, &self.index).transaction(|(batches, rows_t, index)| {
+                let mut batch = tx_batch(batches, seq)?;
+                let mut n = 0;
+                for row in rows {
+                    let key = RowKey {
+                        batch: seq,
+                        row: row.index,
+                    };
+                    if rows_t.get(row_key(key))?.is_some() {
+                        continue;
+                    }
+                    let mut record = RowRecord::new(row.id.clone(), row.line, row.spec.clone());
+                    record.state = RowState::Failed;
+                    record.fail_code = Some(super::CANCELLED.into());
+                    record.fail_msg = Some(msg.to_owned());
+                    batch.counts.moved(None, RowState::Failed);
+                    tx_put_row(rows_t, index, key, None, &record)?;
+                    n += 1;
+                }
+                if batch.cursor.is_none_or(|c| c.rows_read < next.rows_read) {
+                    batch.cursor = Some(next);
+                }
+                tx_put_batch(batches, &batch)?;
+                Ok(n)
+            });
+        result.map_err(tx_err)
     }
 
     pub fn batch(&self, seq: BatchSeq) -> Result<BatchRecord, StoreError> {
@@ -509,6 +637,32 @@ impl Store {
             .map_err(db_err)?;
         self.flush_blocking()?;
         Ok(secret)
+    }
+
+    // ---- spend ----
+
+    /// What has been spent so far.
+    pub fn spend(&self) -> Result<SpendTotals, StoreError> {
+        match self.meta.get(KEY_SPEND).map_err(db_err)? {
+            Some(v) => decode("spend", &v),
+            None => Ok(SpendTotals::default()),
+        }
+    }
+
+    /// Adds to (or, negative, refunds from) the spend; returns the new totals.
+    /// The caller flushes before the submission it pays for.
+    pub fn add_spend(&self, usd: f64, audio_seconds: f64) -> Result<SpendTotals, StoreError> {
+        let result = self.meta.transaction(|meta| {
+            let mut totals: SpendTotals = match meta.get(KEY_SPEND)? {
+                Some(v) => decode("spend", &v).map_err(abort)?,
+                None => SpendTotals::default(),
+            };
+            totals.usd = (totals.usd + usd).max(0.0);
+            totals.audio_seconds = (totals.audio_seconds + audio_seconds).max(0.0);
+            meta.insert(KEY_SPEND, encode(&totals).map_err(abort)?)?;
+            Ok(totals)
+        });
+        result.map_err(tx_err)
     }
 
     // ---- request ledger ----

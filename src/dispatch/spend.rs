@@ -1,0 +1,210 @@
+//! Money at submission: each row's audio probed just before its claim
+//! (`--probe`), and the spend cap (`--max-spend-usd`) checked before a row
+//! would cross it.
+//!
+//! The spend is the known cost of every row submitted (the probed length, or
+//! without probing the 5 s minimum), added to the store before the row's
+//! write-ahead flush and refunded when a row goes back to the queue without
+//! a task.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::{Engine, Feed, backoff, sleep_or_stop};
+use crate::api::PauseReason;
+use crate::probe::ProbeError;
+use crate::spec::RowSpec;
+use crate::store::{Claim, RowKey, RowRecord, RowState, StoreError};
+
+/// Probe attempts on transient errors before a row waits in the queue again.
+const PROBE_ATTEMPTS: u32 = 3;
+
+/// What is to become of one claimed row.
+pub(super) enum Outcome {
+    /// Submit it; it costs `usd` (`seconds` when probed).
+    Submit { usd: f64, seconds: Option<f64> },
+    /// Its audio is bad for good: fail it, unsent.
+    Fail(ProbeError),
+    /// Its audio could not be read now: back to the queue.
+    Defer,
+}
+
+fn spec_of<'a>(engine: &Engine, claim: &'a Claim) -> Option<std::borrow::Cow<'a, RowSpec>> {
+    match claim {
+        Claim::Fresh { row, .. } => Some(std::borrow::Cow::Borrowed(&row.spec)),
+        Claim::Again(key) => engine
+            .store
+            .row(*key)
+            .ok()
+            .flatten()
+            .map(|r| std::borrow::Cow::Owned(r.spec)),
+    }
+}
+
+/// The cost counted for a row without a probed length.
+pub(super) fn counted_cost(engine: &Engine, record: &RowRecord) -> f64 {
+    record.cost_usd.unwrap_or_else(|| {
+        record
+            .spec
+            .resolution_or(&engine.settings.defaults)
+            .cost_usd(0.0)
+    })
+}
+
+async fn probe_row(engine: &Engine, url: &str) -> Result<f64, ProbeError> {
+    let mut attempt = 0;
+    loop {
+        match engine.prober.probe(url).await {
+            Ok(p) => return Ok(p.seconds),
+            Err(e) if e.is_transient() && attempt + 1 < PROBE_ATTEMPTS => {
+                attempt += 1;
+                tracing::warn!(url, error = %e, "cannot read the audio's length yet; retrying");
+                if !sleep_or_stop(
+                    engine,
+                    backoff(attempt, Duration::from_millis(500), Duration::from_secs(10)),
+                )
+                .await
+                {
+                    return Err(e);
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Decides the fate of a claimed group: probes it (with `--probe`) and cuts
+/// it before the first row that would cross the spend cap, putting the rest
+/// back in `feed`. An empty answer with the cap reached pauses submission.
+pub(super) async fn plan(
+    engine: &Arc<Engine>,
+    feed: &mut Feed,
+    group: Vec<(OwnedSemaphorePermit, Option<Claim>)>,
+) -> (Vec<(OwnedSemaphorePermit, Claim)>, Vec<Outcome>) {
+    let group: Vec<(OwnedSemaphorePermit, Claim)> = group
+        .into_iter()
+        .filter_map(|(s, c)| c.map(|c| (s, c)))
+        .collect();
+    let specs: Vec<Option<RowSpec>> = group
+        .iter()
+        .map(|(_, c)| spec_of(engine, c).map(std::borrow::Cow::into_owned))
+        .collect();
+    let probes: Vec<Option<Result<f64, ProbeError>>> = if engine.settings.probe {
+        futures_util::future::join_all(specs.iter().map(|spec| async move {
+            match spec {
+                Some(spec) => Some(probe_row(engine, &spec.audio_url).await),
+                None => None,
+            }
+        }))
+        .await
+    } else {
+        specs.iter().map(|_| None).collect()
+    };
+    let cap = *engine.spend_cap.borrow();
+    let mut spent = match engine.store.spend() {
+        Ok(s) => s.usd,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the spend so far");
+            0.0
+        }
+    };
+    let mut kept = Vec::with_capacity(group.len());
+    let mut outcomes = Vec::with_capacity(group.len());
+    let mut rest = Vec::new();
+    for (((slot, claim), spec), probe) in group.into_iter().zip(specs).zip(probes) {
+        if !rest.is_empty() {
+            rest.push(claim);
+            continue;
+        }
+        let res = spec
+            .as_ref()
+            .map_or(engine.settings.defaults.resolution, |s| {
+                s.resolution_or(&engine.settings.defaults)
+            });
+        let outcome = match probe {
+            None => Outcome::Submit {
+                usd: res.cost_usd(0.0),
+                seconds: None,
+            },
+            Some(Ok(seconds)) => Outcome::Submit {
+                usd: res.cost_usd(seconds),
+                seconds: Some(seconds),
+            },
+            Some(Err(e)) if e.is_transient() => Outcome::Defer,
+            Some(Err(e)) => Outcome::Fail(e),
+        };
+        if let (Outcome::Submit { usd, .. }, Some(cap)) = (&outcome, cap)
+            && spent + usd > cap + 1e-9
+        {
+            drop(slot);
+            rest.push(claim);
+            continue;
+        }
+        if let Outcome::Submit { usd, .. } = &outcome {
+            spent += usd;
+        }
+        kept.push((slot, claim));
+        outcomes.push(outcome);
+    }
+    if !rest.is_empty() {
+        feed.unpop(rest);
+        if kept.is_empty() {
+            if let Some(cap) = cap {
+                tracing::warn!(
+                    spent_usd = format!("{spent:.2}"),
+                    cap_usd = format!("{cap:.2}"),
+                    "the next row would cross the spend cap; submission pauses until the cap is raised"
+                );
+            }
+            engine.set_pause(PauseReason::SpendCap);
+        }
+    }
+    (kept, outcomes)
+}
+
+/// After the group is marked `submitting` (before the flush): records the
+/// probed lengths and the spend, fails and requeues what must not be sent.
+/// Returns the rows to submit.
+pub(super) fn apply(
+    engine: &Engine,
+    group: Vec<(OwnedSemaphorePermit, Claim)>,
+    claimed: Vec<(RowKey, RowRecord)>,
+    outcomes: Vec<Outcome>,
+) -> Result<Vec<(OwnedSemaphorePermit, RowKey, RowRecord)>, StoreError> {
+    let mut send = Vec::with_capacity(claimed.len());
+    let (mut usd_total, mut seconds_total) = (0.0, 0.0);
+    for (((slot, _), (key, record)), outcome) in group.into_iter().zip(claimed).zip(outcomes) {
+        match outcome {
+            Outcome::Submit { usd, seconds } => {
+                usd_total += usd;
+                let record = match seconds {
+                    Some(seconds) => {
+                        seconds_total += seconds;
+                        engine.store.transition(key, |r| {
+                            r.audio_seconds = Some(seconds);
+                            r.cost_usd = Some(usd);
+                            Ok(())
+                        })?
+                    }
+                    None => record,
+                };
+                send.push((slot, key, record));
+            }
+            Outcome::Fail(e) => {
+                engine.fail_row(key, e.fail_code(), &format!("audio_url: {e}"))?;
+            }
+            Outcome::Defer => {
+                engine.store.transition(key, |r| {
+                    r.state = RowState::Queued;
+                    Ok(())
+                })?;
+            }
+        }
+    }
+    if usd_total > 0.0 {
+        engine.store.add_spend(usd_total, seconds_total)?;
+    }
+    Ok(send)
+}
