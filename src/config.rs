@@ -162,6 +162,10 @@ pub struct Settings {
     pub probe: bool,
     /// Submission pauses before the spend would cross this.
     pub max_spend_usd: Option<f64>,
+    /// The `--config` file, re-read on SIGHUP for `max-spend-usd`.
+    pub config_path: Option<PathBuf>,
+    /// `--max-spend-usd` was given as a flag: it wins over the file, also on reload.
+    pub spend_cap_from_flag: bool,
 }
 
 /// Where the key comes from when no flag or file names it.
@@ -356,6 +360,8 @@ impl Settings {
                 .unwrap_or(Duration::from_secs(30)),
             probe: args.probe || file.probe.unwrap_or(false),
             max_spend_usd,
+            config_path: args.config.clone(),
+            spend_cap_from_flag: args.max_spend_usd.is_some(),
         })
     }
 }
@@ -364,6 +370,26 @@ pub fn default_listen() -> SocketAddr {
     DEFAULT_LISTEN
         .parse()
         .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 8686)))
+}
+
+/// The spend cap a reload of the config file asks for, when the file decides it.
+pub fn reloaded_spend_cap(settings: &Settings) -> Result<Option<Option<f64>>, ConfigError> {
+    let Some(path) = settings.config_path.as_deref() else {
+        return Ok(None);
+    };
+    if settings.spend_cap_from_flag {
+        return Ok(None);
+    }
+    let file = FileSettings::load(path)?;
+    if let Some(cap) = file.max_spend_usd
+        && !(cap.is_finite() && cap >= 0.0)
+    {
+        return Err(ConfigError::Invalid {
+            key: "max-spend-usd",
+            message: format!("{cap} is not an amount of dollars"),
+        });
+    }
+    Ok(Some(file.max_spend_usd))
 }
 
 fn positive(key: &'static str, value: u32) -> Result<(), ConfigError> {

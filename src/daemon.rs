@@ -144,6 +144,7 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     loops.spawn(results::finish_loop(engine.clone(), inboxes.finished));
     loops.spawn(save_ledger_loop(engine.clone()));
     loops.spawn(heartbeat_loop(engine.clone()));
+    loops.spawn(reload_loop(engine.clone()));
 
     let front_stop = CancellationToken::new();
     {
@@ -246,6 +247,34 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         "stopped"
     );
     Ok(())
+}
+
+/// SIGHUP re-reads the config file's `max-spend-usd`: raising the cap
+/// resumes submission without a restart.
+async fn reload_loop(engine: Arc<Engine>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; config reload disabled");
+        return;
+    };
+    loop {
+        tokio::select! {
+            () = engine.shutdown.cancelled() => break,
+            got = hup.recv() => {
+                if got.is_none() {
+                    break;
+                }
+                match crate::config::reloaded_spend_cap(&engine.settings) {
+                    Ok(Some(cap)) => {
+                        tracing::info!(cap_usd = ?cap, "SIGHUP: spend cap reloaded from the config file");
+                        engine.set_spend_cap(cap);
+                    }
+                    Ok(None) => tracing::info!("SIGHUP: nothing to reload (no --config file, or --max-spend-usd given as a flag)"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: config not reloaded; keeping the current settings"),
+                }
+            }
+        }
+    }
 }
 
 /// Saves what the request budget spent, every second, so a restart does not

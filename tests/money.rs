@@ -310,3 +310,52 @@ async fn probed_rows_carry_their_cost_and_bad_audio_is_never_submitted() {
     assert!((spend.audio_seconds - 7.0).abs() < 1e-9, "{spend:?}");
     sim.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_a_raised_cap_from_the_config_file() {
+    let sim = Sim::start(fast_sim()).await;
+    let dirs = Dirs::new();
+    write_manifest(
+        &dirs.inbox,
+        "hup.csv",
+        &rows("h", 4, |_| "sim_audio_seconds=5".into()),
+    );
+    let config = dirs.root.path().join("daemon.toml");
+    std::fs::write(&config, "max-spend-usd = 0.30\n").expect("config");
+    let listen = free_addr();
+    let config_arg = config.to_string_lossy().into_owned();
+    let mut daemon = spawn_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &args(&["--config", &config_arg]),
+        0,
+    );
+    // $0.15 a row: the cap allows 2.
+    let paused = wait_status(listen, Duration::from_secs(30), |r| {
+        r.paused.is_some() && r.batches.first().is_some_and(|b| b.done == 2)
+    })
+    .await;
+    assert!(
+        paused.is_some(),
+        "no cap pause; log:\n{}",
+        log_text(&dirs, 0)
+    );
+    std::fs::write(&config, "max-spend-usd = 5.0\n").expect("raise the cap");
+    let pid = nix::unistd::Pid::from_raw(daemon.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).expect("SIGHUP");
+    let finished = wait_for(Duration::from_secs(30), || {
+        results_path(&dirs, "hup").exists().then_some(())
+    })
+    .await;
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    let log = log_text(&dirs, 0);
+    assert!(
+        finished.is_some(),
+        "the raised cap did not resume submission; log:\n{log}"
+    );
+    assert!(log.contains("spend cap reloaded"), "{log}");
+    let results = read_results(&results_path(&dirs, "hup"));
+    assert!(results.iter().all(|r| r["state"] == "done"));
+    sim.stop().await;
+}
