@@ -134,7 +134,10 @@ async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64) -> 
         "cost_usd",
         "note",
     ] {
-        assert!(header.iter().any(|h| h == col), "column {col} in {header:?}");
+        assert!(
+            header.iter().any(|h| h == col),
+            "column {col} in {header:?}"
+        );
     }
     let mut expected_files = 0;
     for r in &results {
@@ -433,9 +436,10 @@ async fn fault_expired_result_urls() {
     // A cut download waits out a backoff (>= 500 ms) longer than the URL
     // lives: the resume meets 410 and must ask for fresh URLs.
     let mut c = case(Faults {
-        cut_download: 0.6,
+        cut_download: 0.35,
         ..Faults::default()
     });
+    c.rows = 20;
     c.sim.result_ttl = Duration::from_millis(300);
     c.marker = "&sim_video_bytes=200000";
     let (stats, log) = run_case("fexpired", c).await;
@@ -476,7 +480,10 @@ async fn all_faults_at_once() {
     ];
     let (stats, _) = run_case("fall", c).await;
     let f = &stats.faults;
-    assert!(f.error_5xx + f.reset + f.malformed + f.cut_download > 0, "{f:?}");
+    assert!(
+        f.error_5xx + f.reset + f.malformed + f.cut_download > 0,
+        "{f:?}"
+    );
 }
 
 // ---------------------------------------------------------------------------
