@@ -73,6 +73,7 @@ pub async fn download_loop(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<
 async fn download_row(engine: &Arc<Engine>, key: RowKey) {
     let batch = engine.batch_name(key.batch);
     let mut attempt = 0u32;
+    let mut just_refreshed = false;
     loop {
         let record = match engine.store.row(key) {
             Ok(Some(r)) if r.state == RowState::Downloading => r,
@@ -116,13 +117,25 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
                     return;
                 }
                 if let DownloadError::Expired(code) = e {
+                    if just_refreshed {
+                        // Even a fresh URL is refused: back off before asking
+                        // again. (Backing off after asking instead would let
+                        // a short-lived URL expire before it is used.)
+                        let wait = backoff(
+                            attempt,
+                            Duration::from_millis(500),
+                            Duration::from_secs(300),
+                        );
+                        tracing::warn!(batch = %batch, row = %record.id, code, retry_in = ?wait, "a fresh result URL was refused too; will ask again");
+                        tokio::time::sleep(wait).await;
+                    }
                     tracing::info!(batch = %batch, row = %record.id, code, "result URL expired; asking for fresh URLs");
                     refresh_urls(engine, key, &record).await;
+                    just_refreshed = true;
                     // A fresh URL deserves an immediate try.
-                    if attempt < 3 {
-                        continue;
-                    }
+                    continue;
                 }
+                just_refreshed = false;
                 let wait = backoff(
                     attempt,
                     Duration::from_millis(500),
