@@ -147,7 +147,11 @@ async fn sigkill_at_random_moments_loses_nothing_and_pays_once() {
     assert_eq!(results.len(), 300);
     for r in &results {
         let i: usize = r["id"][1..].parse().expect("id");
-        let expected = if i % 25 == 0 { "failed" } else { "done" };
+        let expected = if i.is_multiple_of(25) {
+            "failed"
+        } else {
+            "done"
+        };
         assert_eq!(r["state"], expected, "row {}", r["id"]);
     }
     // Guarantee 2: a pair submitted twice only when its first task id was
