@@ -164,8 +164,7 @@ async fn main() -> Result<(), BoxError> {
         if r.state == RowState::Done {
             done += 1;
         }
-        if let (Some(s), Some(f), Some(c)) = (r.submitted_at_ms, r.finished_at_ms, r.cost_time_ms)
-        {
+        if let (Some(s), Some(f), Some(c)) = (r.submitted_at_ms, r.finished_at_ms, r.cost_time_ms) {
             total_task_ms += c;
             delays.push(f.saturating_sub(s).saturating_sub(c) as f64 / 1000.0);
         }
@@ -235,7 +234,11 @@ fn binary() -> Result<PathBuf, BoxError> {
         .ok_or("cannot locate the target folder")?;
     let bin = dir.join("infinitetalk-batch");
     if !bin.exists() {
-        return Err(format!("{} missing: run `cargo build --release` first", bin.display()).into());
+        return Err(format!(
+            "{} missing: run `cargo build --release` first",
+            bin.display()
+        )
+        .into());
     }
     Ok(bin)
 }
