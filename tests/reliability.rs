@@ -61,7 +61,7 @@ impl Drop for Daemon {
 
 /// What the simulator is told to do with row `i`.
 fn campaign_marker(i: usize) -> String {
-    if i % 40 == 0 {
+    if i.is_multiple_of(40) {
         "sim_fail=INVALID_IMAGE_URL".into()
     } else if i % 53 == 7 {
         "sim_fail_once=PROCESSING_TIMEOUT".into()
@@ -73,7 +73,7 @@ fn campaign_marker(i: usize) -> String {
 }
 
 fn resubmitted_on_purpose(i: usize) -> bool {
-    i % 40 != 0 && i % 53 == 7
+    !i.is_multiple_of(40) && i % 53 == 7
 }
 
 /// `kills` SIGKILLs at random moments (seeded), a restart after each, then a
@@ -142,7 +142,11 @@ async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64) -> 
     let mut expected_files = 0;
     for r in &results {
         let i: usize = r["id"][1..].parse().expect("id");
-        let expected = if i % 40 == 0 { "failed" } else { "done" };
+        let expected = if i.is_multiple_of(40) {
+            "failed"
+        } else {
+            "done"
+        };
         assert_eq!(r["state"], expected, "row {}", r["id"]);
         if expected == "done" {
             expected_files += r["output"].split(';').count();
