@@ -33,7 +33,7 @@ use crate::store::{
 };
 
 use self::budget::{Class, RequestBudget};
-use self::schedule::PollModel;
+use self::schedule::{PollModel, Pressure};
 
 /// Fail code the API uses when the account ran dry.
 pub const INSUFFICIENT_CREDITS: &str = "INSUFFICIENT_CREDITS";
@@ -721,7 +721,8 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                 // this task are only a safety net until then.
                 settings.poll_max
             } else {
-                model.next_delay(t.submitted.elapsed())
+                let pressure = Pressure::of(engine.budget.sent_in_window(), engine.budget.limit());
+                model.next_delay_under(t.submitted.elapsed(), pressure)
             }
         };
 

@@ -15,7 +15,43 @@ use std::time::Duration;
 const MIN_SAMPLES: usize = 5;
 /// Durations remembered (the most recent ones).
 const MAX_SAMPLES: usize = 512;
+/// Quantiles polled at while requests are plentiful (about 2.9 polls a
+/// task, for a short delay between a task finishing and its slot freeing).
+const LADDER_SLACK: [f64; 7] = [0.3, 0.5, 0.65, 0.8, 0.9, 0.97, 1.0];
 const LADDER: [f64; 5] = [0.5, 0.75, 0.9, 0.97, 1.0];
+/// While the request budget binds, every poll delays a submit: poll later.
+const LADDER_TIGHT: [f64; 4] = [0.75, 0.9, 0.97, 1.0];
+
+/// How much of the request budget the last window used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pressure {
+    /// Under 40% of the budget used.
+    Slack,
+    Normal,
+    /// Over 80% used: requests, not slots, are what limits progress.
+    Tight,
+}
+
+impl Pressure {
+    pub fn of(used: usize, limit: usize) -> Pressure {
+        let share = used as f64 / limit.max(1) as f64;
+        if share > 0.8 {
+            Pressure::Tight
+        } else if share < 0.4 {
+            Pressure::Slack
+        } else {
+            Pressure::Normal
+        }
+    }
+
+    fn ladder(self) -> &'static [f64] {
+        match self {
+            Pressure::Slack => &LADDER_SLACK,
+            Pressure::Normal => &LADDER,
+            Pressure::Tight => &LADDER_TIGHT,
+        }
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct PollModel {
@@ -64,10 +100,16 @@ impl PollModel {
 
     /// How long to wait before the next poll of a task submitted `elapsed` ago.
     pub fn next_delay(&self, elapsed: Duration) -> Duration {
+        self.next_delay_under(elapsed, Pressure::Normal)
+    }
+
+    /// [`PollModel::next_delay`], with the ladder chosen by budget pressure.
+    pub fn next_delay_under(&self, elapsed: Duration, pressure: Pressure) -> Duration {
         let min = self.poll_min.as_secs_f64();
         let e = elapsed.as_secs_f64();
         let delay = if self.is_trained() {
-            let next_quantile = LADDER
+            let next_quantile = pressure
+                .ladder()
                 .iter()
                 .filter_map(|q| self.quantile(*q))
                 .find(|t| *t > e + min / 2.0);
@@ -116,6 +158,21 @@ mod tests {
         // Outlived everything: back off by half the age, capped.
         let late = m.next_delay(Duration::from_secs(40)).as_secs_f64();
         assert!((19.0..=21.0).contains(&late), "{late}");
+    }
+
+    #[test]
+    fn pressure_moves_the_first_poll() {
+        let mut m = model();
+        for s in 10..=30 {
+            m.observe(Duration::from_secs(s));
+        }
+        let slack = m.next_delay_under(Duration::ZERO, Pressure::Slack);
+        let normal = m.next_delay_under(Duration::ZERO, Pressure::Normal);
+        let tight = m.next_delay_under(Duration::ZERO, Pressure::Tight);
+        assert!(slack < normal && normal < tight, "{slack:?} {normal:?} {tight:?}");
+        assert_eq!(Pressure::of(90, 100), Pressure::Tight);
+        assert_eq!(Pressure::of(10, 100), Pressure::Slack);
+        assert_eq!(Pressure::of(50, 100), Pressure::Normal);
     }
 
     #[test]
