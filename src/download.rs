@@ -30,6 +30,10 @@ pub enum DownloadError {
     /// Network trouble, a 5xx, a body shorter than announced.
     #[error("{0}")]
     Transient(String),
+    /// The body was cut after some new bytes arrived: resume at once, the
+    /// server is working.
+    #[error("cut after {written} bytes: {reason}")]
+    Cut { written: u64, reason: String },
     /// Writing the file failed (disk full, permissions).
     #[error("writing {path}: {source}")]
     Disk {
@@ -100,6 +104,13 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
                     }
                 }
                 return;
+            }
+            Err(DownloadError::Cut { written, reason }) => {
+                // Progress was made: resume from the `.part` file soon, and
+                // do not let cuts grow the backoff meant for dead servers.
+                attempt = 0;
+                tracing::debug!(batch = %batch, row = %record.id, written, reason, "download cut; resuming");
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
             Err(e) => {
                 attempt += 1;
@@ -289,10 +300,14 @@ pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), Do
     drop(file);
     if let Some(reason) = cut {
         engine.metrics.request("download", "transient");
+        if written > start {
+            return Err(DownloadError::Cut { written, reason });
+        }
         return Err(DownloadError::Transient(format!(
             "cut after {written} bytes: {reason}"
         )));
     }
+
     if let Some(total) = total.filter(|t| written != *t) {
         engine.metrics.request("download", "transient");
         return Err(DownloadError::Transient(format!(

@@ -169,7 +169,10 @@ mod tests {
         let slack = m.next_delay_under(Duration::ZERO, Pressure::Slack);
         let normal = m.next_delay_under(Duration::ZERO, Pressure::Normal);
         let tight = m.next_delay_under(Duration::ZERO, Pressure::Tight);
-        assert!(slack < normal && normal < tight, "{slack:?} {normal:?} {tight:?}");
+        assert!(
+            slack < normal && normal < tight,
+            "{slack:?} {normal:?} {tight:?}"
+        );
         assert_eq!(Pressure::of(90, 100), Pressure::Tight);
         assert_eq!(Pressure::of(10, 100), Pressure::Slack);
         assert_eq!(Pressure::of(50, 100), Pressure::Normal);
