@@ -19,8 +19,6 @@ const MAX_SAMPLES: usize = 512;
 /// task, for a short delay between a task finishing and its slot freeing).
 const LADDER_SLACK: [f64; 7] = [0.3, 0.5, 0.65, 0.8, 0.9, 0.97, 1.0];
 const LADDER: [f64; 5] = [0.5, 0.75, 0.9, 0.97, 1.0];
-/// While the request budget binds, every poll delays a submit: poll later.
-const LADDER_TIGHT: [f64; 4] = [0.75, 0.9, 0.97, 1.0];
 
 /// How much of the request budget the last window used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,7 +26,9 @@ pub enum Pressure {
     /// Under 40% of the budget used.
     Slack,
     Normal,
-    /// Over 80% used: requests, not slots, are what limits progress.
+    /// Over 80% used. Polling later here was measured to cost more in
+    /// slot time than it saved in requests (BENCHMARKS.md), so it keeps the
+    /// normal ladder.
     Tight,
 }
 
@@ -47,8 +47,7 @@ impl Pressure {
     fn ladder(self) -> &'static [f64] {
         match self {
             Pressure::Slack => &LADDER_SLACK,
-            Pressure::Normal => &LADDER,
-            Pressure::Tight => &LADDER_TIGHT,
+            Pressure::Normal | Pressure::Tight => &LADDER,
         }
     }
 }
