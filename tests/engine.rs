@@ -9,28 +9,6 @@ use common::*;
 use infinitetalk_batch::simulator::{CreditsStyle, Faults, SimArgs};
 use infinitetalk_batch::store::{RowKey, RowState, Store};
 
-fn fast_sim() -> SimArgs {
-    SimArgs {
-        time_factor: 0.002,
-        ..SimArgs::default()
-    }
-}
-
-const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "2s"];
-
-fn with_poll<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v: Vec<&str> = POLL.to_vec();
-    v.extend_from_slice(extra);
-    v
-}
-
-async fn wait_results(dirs: &Dirs, batch: &str, limit: Duration) -> bool {
-    let path = dirs.batch_dir(batch).join("results.csv");
-    wait_for(limit, || path.exists().then_some(()))
-        .await
-        .is_some()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_runs_end_to_end_with_identical_bytes() {
     let sim = Sim::start(fast_sim()).await;

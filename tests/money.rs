@@ -6,15 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use infinitetalk_batch::simulator::SimArgs;
 use infinitetalk_batch::status::Report;
-
-fn fast_sim() -> SimArgs {
-    SimArgs {
-        time_factor: 0.002,
-        ..SimArgs::default()
-    }
-}
 
 const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "1s"];
 

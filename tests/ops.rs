@@ -14,15 +14,6 @@ use common::*;
 use infinitetalk_batch::config::FileSettings;
 use infinitetalk_batch::simulator::SimArgs;
 
-fn fast_sim() -> SimArgs {
-    SimArgs {
-        time_factor: 0.002,
-        ..SimArgs::default()
-    }
-}
-
-const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "2s"];
-
 /// Like `common::spawn_daemon`, with extra environment (and NOTIFY_SOCKET
 /// left alone when `env` sets it).
 fn spawn_with_env(
@@ -59,13 +50,6 @@ fn spawn_with_env(
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
     cmd.spawn().expect("daemon starts")
-}
-
-async fn wait_results(dirs: &Dirs, batch: &str, limit: Duration) -> bool {
-    let path = dirs.batch_dir(batch).join("results.csv");
-    wait_for(limit, || path.exists().then_some(()))
-        .await
-        .is_some()
 }
 
 fn client() -> reqwest::Client {

@@ -15,21 +15,6 @@ use infinitetalk_batch::simulator::{CreditsStyle, Faults, SimArgs};
 use infinitetalk_batch::store::{RowKey, RowState, Store};
 use rand::{Rng, SeedableRng};
 
-const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "2s"];
-
-fn with_poll<'a>(extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v: Vec<&str> = POLL.to_vec();
-    v.extend_from_slice(extra);
-    v
-}
-
-async fn wait_results(dirs: &Dirs, batch: &str, limit: Duration) -> bool {
-    let path = dirs.batch_dir(batch).join("results.csv");
-    wait_for(limit, || path.exists().then_some(()))
-        .await
-        .is_some()
-}
-
 /// Kills the daemon if a test panics before it is stopped.
 struct Daemon(Option<Child>);
 

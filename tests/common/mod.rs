@@ -258,3 +258,29 @@ pub fn check_results_against_sim(
     }
     results
 }
+
+/// A simulator whose tasks take well under a few seconds.
+pub fn fast_sim() -> SimArgs {
+    SimArgs {
+        time_factor: 0.002,
+        ..SimArgs::default()
+    }
+}
+
+/// Poll bounds that suit the fast simulator.
+pub const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "2s"];
+
+/// [`POLL`] followed by `extra`.
+pub fn with_poll<'a>(extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v: Vec<&str> = POLL.to_vec();
+    v.extend_from_slice(extra);
+    v
+}
+
+/// Waits for the batch's `results.csv`; false if it did not appear in time.
+pub async fn wait_results(dirs: &Dirs, batch: &str, limit: Duration) -> bool {
+    let path = dirs.batch_dir(batch).join("results.csv");
+    wait_for(limit, || path.exists().then_some(()))
+        .await
+        .is_some()
+}
