@@ -7,50 +7,12 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::unix::net::UnixDatagram;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use infinitetalk_batch::config::FileSettings;
 use infinitetalk_batch::simulator::SimArgs;
-
-/// Like `common::spawn_daemon`, with extra environment (and NOTIFY_SOCKET
-/// left alone when `env` sets it).
-fn spawn_with_env(
-    dirs: &Dirs,
-    api_base: &str,
-    listen: std::net::SocketAddr,
-    extra: &[&str],
-    log_n: usize,
-    env: &[(&str, &str)],
-) -> Child {
-    let log = fs::File::create(dirs.log_path(log_n)).expect("log file");
-    let mut cmd = Command::new(BIN);
-    cmd.arg("run")
-        .arg("--inbox")
-        .arg(&dirs.inbox)
-        .arg("--outbox")
-        .arg(&dirs.outbox)
-        .arg("--state")
-        .arg(&dirs.state)
-        .arg("--api-base")
-        .arg(api_base)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .args(extra)
-        .env("APIXO_API_KEY", KEY)
-        .env_remove("APIXO_API_BASE")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(log));
-    cmd.spawn().expect("daemon starts")
-}
 
 fn client() -> reqwest::Client {
     reqwest::Client::builder()

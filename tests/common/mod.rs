@@ -86,6 +86,19 @@ pub fn spawn_daemon(
     extra: &[&str],
     log_n: usize,
 ) -> Child {
+    spawn_with_env(dirs, api_base, listen, extra, log_n, &[])
+}
+
+/// [`spawn_daemon`] with extra environment (and NOTIFY_SOCKET
+/// left alone when `env` sets it).
+pub fn spawn_with_env(
+    dirs: &Dirs,
+    api_base: &str,
+    listen: SocketAddr,
+    extra: &[&str],
+    log_n: usize,
+    env: &[(&str, &str)],
+) -> Child {
     let log = fs::File::create(dirs.log_path(log_n)).expect("log file");
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
@@ -103,7 +116,11 @@ pub fn spawn_daemon(
         .env("APIXO_API_KEY", KEY)
         .env_remove("APIXO_API_BASE")
         .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("CREDENTIALS_DIRECTORY")
         .env("RUST_LOG", "info")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
