@@ -2,11 +2,21 @@
 //!
 //! ```text
 //! cargo build --release
-//! cargo run --release --example drain_bench -- [TASKS] [RATE_PER_MIN] [CONCURRENCY] [TIME_FACTOR]
+//! cargo run --release --example drain_bench -- [TASKS] [RATE_PER_MIN] [CONCURRENCY] [TIME_FACTOR] [MODE]
 //! ```
 //!
 //! Defaults: 1000 tasks, 1200 requests/min, 50 concurrent, time factor 0.015
-//! (tasks of 5..20 s of audio then take about 1.5..9 s). Starts the built-in
+//! (tasks of 5..20 s of audio then take about 0.75..9 s), mode `probe`.
+//! MODE says what the daemon knows about when a task will end:
+//!
+//! - `poll`: nothing; it polls on durations learned from finished tasks;
+//! - `probe`: `--probe`: it reads each row's audio length before submitting
+//!   (the manifest's audio URLs are WAV files the simulator serves), and
+//!   learns durations per second of audio;
+//! - `callback`: `--callback-url` pointing at its own listener: the simulator
+//!   calls back when a task ends, and the daemon confirms with one status query.
+//!
+//! Starts the built-in
 //! simulator in this process with the same limits, runs the real release
 //! binary (`target/release/infinitetalk-batch run`) against it as a child,
 //! waits for `results.csv`, and prints:
@@ -20,8 +30,11 @@
 //! - the daemon's CPU time (user + system, /proc/PID/stat) per 1000 API
 //!   requests, and its peak RSS.
 //!
-//! Extra daemon flags can be given in `DRAIN_BENCH_ARGS` (space-separated),
-//! e.g. `DRAIN_BENCH_ARGS="--poll-min 500ms"`.
+//! The daemon's poll bounds are its defaults (`--poll-min 2s`,
+//! `--poll-max 30m`) scaled by the time factor, as the simulator's durations
+//! are: the run is the real schedule, sped up. Extra daemon flags can be given
+//! in `DRAIN_BENCH_ARGS` (space-separated), e.g.
+//! `DRAIN_BENCH_ARGS="--poll-min 2s"` for the unscaled lower bound.
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -54,6 +67,10 @@ async fn main() -> Result<(), BoxError> {
     let rate: u32 = arg(2, 1200)?;
     let concurrency: u32 = arg(3, 50)?;
     let time_factor: f64 = arg(4, 0.015)?;
+    let mode: String = arg(5, "probe".to_owned())?;
+    if !["poll", "probe", "callback"].contains(&mode.as_str()) {
+        return Err(format!("argument 5: mode {mode:?}: use poll, probe or callback").into());
+    }
     let bin = binary()?;
 
     let stop = CancellationToken::new();
@@ -78,7 +95,8 @@ async fn main() -> Result<(), BoxError> {
     let mut text = String::from("id,image_url,audio_url\n");
     for i in 0..tasks {
         text.push_str(&format!(
-            "d{i},https://img.example/d/{i}.png,https://audio.example/d/{i}.mp3?sim_audio_seconds={}\n",
+            "d{i},https://img.example/d/{i}.png,{}/media/d{i}.wav?sim_audio_seconds={}\n",
+            sim.base_url(),
             5 + i % 16
         ));
     }
@@ -87,7 +105,23 @@ async fn main() -> Result<(), BoxError> {
 
     let listen = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let log_path = root.path().join("daemon.log");
-    let extra = std::env::var("DRAIN_BENCH_ARGS").unwrap_or_default();
+    let mut extra = std::env::var("DRAIN_BENCH_ARGS").unwrap_or_default();
+    // The simulator runs time sped up by the factor: so does the daemon's
+    // schedule, or its real-time poll bounds would distort it.
+    if !extra.contains("--poll-min") {
+        let ms = (2000.0 * time_factor).max(10.0);
+        extra.push_str(&format!(" --poll-min {ms:.0}ms"));
+    }
+    if !extra.contains("--poll-max") {
+        let ms = (30.0 * 60_000.0 * time_factor).max(1000.0);
+        extra.push_str(&format!(" --poll-max {ms:.0}ms"));
+    }
+    match mode.as_str() {
+        "probe" => extra.push_str(" --probe"),
+        "callback" => extra.push_str(&format!(" --callback-url http://{listen}")),
+        _ => {}
+    }
+    let extra = extra.trim().to_owned();
     let started = Instant::now();
     let mut child = Command::new(&bin)
         .arg("run")
@@ -183,7 +217,7 @@ async fn main() -> Result<(), BoxError> {
     let bound = by_concurrency.max(by_rate);
     let requests = stats.submit_requests + stats.status_requests;
     println!(
-        "parameters: {tasks} tasks, {rate} requests/min, {concurrency} concurrent, time factor {time_factor}, daemon flags [{extra}]"
+        "parameters: {tasks} tasks, {rate} requests/min, {concurrency} concurrent, time factor {time_factor}, mode {mode}, daemon flags [{extra}]"
     );
     println!("rows done: {done} of {}", batch.total_rows);
     println!(
@@ -212,6 +246,12 @@ async fn main() -> Result<(), BoxError> {
         stats.max_requests_in_window,
         stats.max_unfinished_tasks
     );
+    if mode == "callback" {
+        println!(
+            "callbacks: {} sent, {} acknowledged, {} given up",
+            stats.callbacks_sent, stats.callbacks_acknowledged, stats.callbacks_given_up
+        );
+    }
     match cpu {
         Some(cpu) => println!(
             "daemon CPU: {cpu:.2} s user+system for {requests} API requests = {:.3} CPU-s per 1000 requests (includes {done} downloads and the ingest)",

@@ -127,7 +127,7 @@ pub struct RunArgs {
     /// Shortest interval between two status polls of one task [default: 2s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub poll_min: Option<Duration>,
-    /// Longest interval between two status polls of one task [default: 5m].
+    /// Longest interval between two status polls of one task [default: 30m].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub poll_max: Option<Duration>,
     /// HTTP listener for /status, /metrics and callbacks [default: 127.0.0.1:8686].

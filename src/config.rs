@@ -243,7 +243,7 @@ impl Settings {
         let poll_max = args
             .poll_max
             .or(file.poll_max)
-            .unwrap_or(Duration::from_secs(300));
+            .unwrap_or(Duration::from_secs(30 * 60));
         if poll_min.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "poll-min",

@@ -266,3 +266,49 @@ async fn not_audio_missing_and_unreachable() {
         .expect_err("refused");
     assert!(err.is_transient(), "{err:?}");
 }
+
+#[tokio::test]
+async fn the_simulator_serves_audio_as_long_as_it_bills() {
+    use infinitetalk_batch::simulator::{self, SimArgs};
+    let stop = tokio_util::sync::CancellationToken::new();
+    let sim = simulator::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        SimArgs {
+            seed: Some(3),
+            ..SimArgs::default()
+        },
+        stop.clone(),
+    )
+    .await
+    .expect("simulator starts");
+    let base = sim.base_url();
+    let p = prober();
+    let marked = p
+        .probe(&format!("{base}/media/a.wav?sim_audio_seconds=7.5"))
+        .await
+        .expect("marked wav");
+    assert_eq!(marked.format, AudioFormat::Wav);
+    close(marked.seconds, 7.5, 0.01);
+    // Without a marker: the simulator's stable whole number of 5..=60 s.
+    let plain = p
+        .probe(&format!("{base}/media/b.wav"))
+        .await
+        .expect("plain wav")
+        .seconds;
+    assert!(
+        (5.0..=60.0).contains(&plain) && (plain - plain.round()).abs() < 0.01,
+        "{plain}"
+    );
+    let err = p
+        .probe(&format!("{base}/media/c.mp3"))
+        .await
+        .expect_err("only wav is served");
+    assert!(!err.is_transient(), "{err}");
+    let stats = sim.stats();
+    assert_eq!(
+        (stats.submit_requests, stats.status_requests),
+        (0, 0),
+        "media is not the API"
+    );
+    stop.cancel();
+}

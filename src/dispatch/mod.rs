@@ -33,7 +33,7 @@ use crate::store::{
 };
 
 use self::budget::{Class, RequestBudget};
-use self::schedule::{PollModel, Pressure};
+use self::schedule::{Limits, PollModel};
 
 /// Fail code the API uses when the account ran dry.
 pub const INSUFFICIENT_CREDITS: &str = "INSUFFICIENT_CREDITS";
@@ -75,6 +75,8 @@ pub struct Engine {
     /// `born` at its last iteration (it wakes at least every second).
     poll_tick_ms: std::sync::atomic::AtomicU64,
     born: Instant,
+    /// Rows are waiting for a slot or the budget (set by the submitter).
+    pub backlog: std::sync::atomic::AtomicBool,
     /// Reads audio lengths before submission (`--probe`).
     pub prober: crate::probe::Prober,
     /// `--max-spend-usd`; a new value (a reload) wakes a paused submitter.
@@ -96,6 +98,8 @@ pub enum PollCmd {
         key: RowKey,
         task_id: String,
         submitted_at_ms: u64,
+        /// Seconds of audio, when probed: the poll schedule scales with it.
+        audio_seconds: Option<f64>,
         slot: Option<OwnedSemaphorePermit>,
     },
     /// A callback said this task ended: confirm with a status query now.
@@ -141,6 +145,7 @@ impl Engine {
             tracked: Mutex::new(HashMap::new()),
             in_flight: std::sync::atomic::AtomicU64::new(0),
             poll_tick_ms: std::sync::atomic::AtomicU64::new(0),
+            backlog: std::sync::atomic::AtomicBool::new(false),
             born: Instant::now(),
             prober: crate::probe::Prober::new(
                 http.clone(),
@@ -319,6 +324,7 @@ pub fn resume(engine: &Arc<Engine>) -> Result<usize, StoreError> {
             key,
             task_id,
             submitted_at_ms: record.submitted_at_ms.unwrap_or_else(now_ms),
+            audio_seconds: record.audio_seconds,
             slot,
         });
     }
@@ -374,7 +380,12 @@ pub async fn submit_loop(engine: Arc<Engine>) {
             },
             () = engine.shutdown.cancelled() => break,
         };
-        match feed.fill(&engine, CLAIM_GROUP) {
+        let filled = feed.fill(&engine, CLAIM_GROUP);
+        engine.backlog.store(
+            matches!(filled, Ok(n) if n > 0),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        match filled {
             Ok(0) => {
                 drop(slot);
                 tokio::select! {
@@ -597,6 +608,7 @@ async fn submit_row(
                     key,
                     task_id,
                     submitted_at_ms,
+                    audio_seconds: record.audio_seconds,
                     slot: Some(slot),
                 });
                 return;
@@ -672,6 +684,7 @@ fn requeue(engine: &Engine, key: RowKey, id: &str, batch: &str) {
 struct Tracked {
     task_id: String,
     submitted: Instant,
+    audio: Option<f64>,
     polls: u32,
     errors: u32,
     last_poll: Option<Instant>,
@@ -716,13 +729,13 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
     let mut scouts: HashSet<RowKey> = HashSet::new();
     let plan =
         |model: &PollModel, scouts: &HashSet<RowKey>, key: RowKey, t: &Tracked| -> Duration {
-            if callback_mode || (!model.is_trained() && !scouts.contains(&key)) {
-                // Callbacks say when, or scouts will teach the model: polls of
-                // this task are only a safety net until then.
+            if callback_mode {
+                model.safety_delay(t.submitted.elapsed(), t.audio)
+            } else if !model.is_trained() && !scouts.contains(&key) {
+                // Scouts will teach the model: until then this task waits.
                 settings.poll_max
             } else {
-                let pressure = Pressure::of(engine.budget.sent_in_window(), engine.budget.limit());
-                model.next_delay_under(t.submitted.elapsed(), pressure)
+                model.next_delay(t.submitted.elapsed(), t.audio)
             }
         };
 
@@ -735,14 +748,19 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
         let next_due = due.first().map(|(at, _)| *at);
         tokio::select! {
             () = engine.shutdown.cancelled() => break,
-            _ = alive.tick() => {}
+            _ = alive.tick() => {
+                // Follows a queue that filled or emptied since the last task ended.
+                if model.refit(limits(&engine), Instant::now()) {
+                    log_ladders(&model);
+                }
+            }
             cmd = cmds.recv() => match cmd {
                 None => break,
-                Some(PollCmd::Track { key, task_id, submitted_at_ms, slot }) => {
+                Some(PollCmd::Track { key, task_id, submitted_at_ms, audio_seconds, slot }) => {
                     let age = Duration::from_millis(now_ms().saturating_sub(submitted_at_ms));
                     let submitted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-                    let t = Tracked { task_id: task_id.clone(), submitted, polls: 0, errors: 0, last_poll: None, _slot: slot };
-                    if !model.is_trained() && scouts.len() < SCOUTS {
+                    let t = Tracked { task_id: task_id.clone(), submitted, audio: audio_seconds, polls: 0, errors: 0, last_poll: None, _slot: slot };
+                    if !callback_mode && !model.is_trained() && scouts.len() < SCOUTS {
                         scouts.insert(key);
                     }
                     let at = Instant::now() + plan(&model, &scouts, key, &t);
@@ -775,19 +793,24 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                     }
                     PollResult::Ended { took } => {
                         scouts.remove(&key);
+                        let mut audio = None;
                         if let Some(t) = tasks.remove(&key) {
                             engine.track(&t.task_id, None);
                             engine.metrics.polls_per_task.observe(f64::from(t.polls));
+                            audio = t.audio;
                         }
                         let was_trained = model.is_trained();
-                        model.observe(took);
-                        if !model.is_trained() {
+                        model.observe(took, audio);
+                        if model.refit(limits(&engine), Instant::now()) {
+                            log_ladders(&model);
+                        }
+                        if !callback_mode && !model.is_trained() {
                             // Keep enough scouts out to finish training.
                             let waiting: Vec<RowKey> = tasks.keys().filter(|k| !scouts.contains(k) && next_at.contains_key(k)).copied().take(SCOUTS.saturating_sub(scouts.len())).collect();
                             for k in waiting {
                                 scouts.insert(k);
                                 if let Some(t) = tasks.get(&k) {
-                                    let at = t.last_poll.unwrap_or(t.submitted) + model.next_delay(t.submitted.elapsed());
+                                    let at = t.last_poll.unwrap_or(t.submitted) + model.next_delay(t.submitted.elapsed(), t.audio);
                                     schedule(&mut due, &mut next_at, k, at.max(Instant::now()));
                                 }
                             }
@@ -822,6 +845,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                     next_at.remove(&key);
                     let Some(t) = tasks.get_mut(&key) else { continue };
                     t.polls += 1;
+                    tracing::trace!(task_id = %t.task_id, poll = t.polls, age_ms = t.submitted.elapsed().as_millis() as u64, "status poll");
                     t.last_poll = Some(now);
                     let task_id = t.task_id.clone();
                     let submitted = t.submitted;
@@ -838,6 +862,26 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                 }
             }
         }
+    }
+}
+
+fn log_ladders(model: &PollModel) {
+    for (kind, ladder) in [
+        ("plain", model.ladder()),
+        ("per_audio_second", model.per_audio_ladder()),
+    ] {
+        if let Some(l) = ladder {
+            tracing::debug!(kind, rungs = ?l.times, expected_polls = l.polls, expected_delay_s = l.delay, samples = model.samples(), "poll ladder");
+        }
+    }
+}
+
+/// What the poll ladder is chosen for, now.
+fn limits(engine: &Engine) -> Limits {
+    Limits {
+        requests_per_sec: engine.budget.limit() as f64 / budget::WINDOW.as_secs_f64(),
+        slots: engine.settings.max_concurrent as f64,
+        backlog: engine.backlog.load(std::sync::atomic::Ordering::Relaxed),
     }
 }
 
@@ -875,14 +919,18 @@ async fn poll_task(
             wait: None,
         },
         TaskState::Success | TaskState::Failed => {
-            let took = submitted.elapsed();
-            engine.metrics.task_duration.observe(took.as_secs_f64());
+            let seen = submitted.elapsed();
+            engine.metrics.task_duration.observe(seen.as_secs_f64());
+            // What the poll model learns is how long the task ran, not when
+            // it happened to be seen: the API's own measure where it gives one.
+            let mut took = seen;
             if let Some(cost) = status.cost_time_ms {
                 let finished_about = Duration::from_millis(cost);
                 engine
                     .metrics
                     .detection_delay
-                    .observe(took.saturating_sub(finished_about).as_secs_f64());
+                    .observe(seen.saturating_sub(finished_about).as_secs_f64());
+                took = finished_about.min(seen);
             }
             match task_ended(engine, key, task_id, &status) {
                 Ok(true) => PollResult::Ended { took },

@@ -1,61 +1,85 @@
 //! When to poll a task: learned from how long finished tasks took.
 //!
 //! The status endpoint says nothing about progress, so every poll of an
-//! unfinished task is a request spent for nothing. Tasks are polled at
-//! quantiles of the durations seen so far (half of them done, three
-//! quarters, ...), so a typical task needs one or two polls; until enough
-//! tasks have finished, intervals double from `poll_min`. Once a task has
-//! outlived every quantile, polls back off geometrically. Every interval is
-//! kept within `poll_min..=poll_max`.
+//! unfinished task is a request spent for nothing, and every moment between a
+//! task finishing and the daemon seeing it keeps a concurrency slot idle.
+//! Each task is polled on a *ladder*: a few moments at quantiles of the
+//! durations seen so far. Which ladder is used is decided by replaying
+//! candidate ladders against the recent durations; each gives the polls a
+//! task needs on average (`p`) and the mean delay before a finished task is
+//! seen (`d`):
+//!
+//! - while rows wait to be submitted, the ladder that lets the most tasks
+//!   through: the larger of `min(requests per second / (1 + p),
+//!   slots / (mean duration + d))`. Late, sparse polls when requests are the
+//!   scarce resource; early, dense ones when slots are;
+//! - with nothing waiting, the ladder with the least delay.
+//!
+//! Either way at most [`MAX_POLLS`] polls a task on average. When the audio
+//! length of tasks is known (`--probe`), durations are also learned per second
+//! of audio: task time grows with audio length, so a task's own length narrows
+//! the guess a lot. Until enough tasks have finished, intervals double from
+//! `poll_min`. Once a task has outlived its whole ladder, polls back off
+//! geometrically. Every interval is kept within `poll_min..=poll_max`.
 
 use std::collections::VecDeque;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Finished tasks needed before quantiles are trusted.
 const MIN_SAMPLES: usize = 5;
 /// Durations remembered (the most recent ones).
 const MAX_SAMPLES: usize = 512;
-/// Quantiles polled at while requests are plentiful (about 2.9 polls a
-/// task, for a short delay between a task finishing and its slot freeing).
-const LADDER_SLACK: [f64; 7] = [0.3, 0.5, 0.65, 0.8, 0.9, 0.97, 1.0];
-const LADDER: [f64; 5] = [0.5, 0.75, 0.9, 0.97, 1.0];
+/// Most status polls a task may need on average under the chosen ladder.
+pub const MAX_POLLS: f64 = 3.0;
+/// Polls land a hair past their quantile, so the task is likely done.
+const PAST: f64 = 1.02;
+/// Ladders are re-chosen at most this often while tasks keep finishing.
+const REFIT_EVERY: Duration = Duration::from_millis(250);
+/// First rungs tried, as quantiles; each ladder then climbs evenly to the
+/// largest duration seen.
+const FIRST_RUNGS: [f64; 17] = [
+    0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
+];
+/// Most rungs in a ladder.
+const MAX_RUNGS: usize = 8;
 
-/// How much of the request budget the last window used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pressure {
-    /// Under 40% of the budget used.
-    Slack,
-    Normal,
-    /// Over 80% used. Polling later here was measured to cost more in
-    /// slot time than it saved in requests (BENCHMARKS.md), so it keeps the
-    /// normal ladder.
-    Tight,
+/// What the ladder is chosen for: the engine's limits and whether rows wait.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Limits {
+    /// Requests the budget lets through per second, submits and polls together.
+    pub requests_per_sec: f64,
+    /// Concurrency slots (`--max-concurrent`).
+    pub slots: f64,
+    /// Rows are waiting to be submitted, so throughput is what counts.
+    pub backlog: bool,
 }
 
-impl Pressure {
-    pub fn of(used: usize, limit: usize) -> Pressure {
-        let share = used as f64 / limit.max(1) as f64;
-        if share > 0.8 {
-            Pressure::Tight
-        } else if share < 0.4 {
-            Pressure::Slack
-        } else {
-            Pressure::Normal
-        }
-    }
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    secs: f64,
+    audio: Option<f64>,
+}
 
-    fn ladder(self) -> &'static [f64] {
-        match self {
-            Pressure::Slack => &LADDER_SLACK,
-            Pressure::Normal | Pressure::Tight => &LADDER,
-        }
-    }
+/// A chosen ladder and what replaying it against the samples predicted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ladder {
+    /// Poll moments after submission, ascending: seconds, or seconds per
+    /// second of audio for a per-audio ladder.
+    pub times: Vec<f64>,
+    /// Expected status polls per task.
+    pub polls: f64,
+    /// Expected seconds between a task finishing and a poll seeing it.
+    pub delay: f64,
 }
 
 #[derive(Debug, Clone)]
 pub struct PollModel {
-    samples: VecDeque<f64>,
-    sorted: Vec<f64>,
+    samples: VecDeque<Sample>,
+    plain: Option<Ladder>,
+    per_audio: Option<Ladder>,
+    fitted_at: Option<Instant>,
+    fitted_for: Option<Limits>,
+    stale: bool,
     poll_min: Duration,
     poll_max: Duration,
 }
@@ -64,64 +88,221 @@ impl PollModel {
     pub fn new(poll_min: Duration, poll_max: Duration) -> Self {
         PollModel {
             samples: VecDeque::new(),
-            sorted: Vec::new(),
+            plain: None,
+            per_audio: None,
+            fitted_at: None,
+            fitted_for: None,
+            stale: false,
             poll_min,
             poll_max,
         }
     }
 
-    /// A task took `took` from submission to being seen finished.
-    pub fn observe(&mut self, took: Duration) {
+    /// A task ran `took` (from submission to its end, as the API measured
+    /// it where it could) on `audio` seconds of audio, if known.
+    pub fn observe(&mut self, took: Duration, audio: Option<f64>) {
         if self.samples.len() == MAX_SAMPLES {
             self.samples.pop_front();
         }
-        self.samples.push_back(took.as_secs_f64());
-        self.sorted = self.samples.iter().copied().collect();
-        self.sorted.sort_by(f64::total_cmp);
+        let audio = audio.filter(|a| a.is_finite() && *a > 0.0);
+        self.samples.push_back(Sample {
+            secs: took.as_secs_f64(),
+            audio,
+        });
+        self.stale = true;
     }
 
     pub fn samples(&self) -> usize {
         self.samples.len()
     }
 
-    /// True once quantiles are used.
+    /// True once the durations of enough finished tasks are known.
     pub fn is_trained(&self) -> bool {
-        self.samples.len() >= MIN_SAMPLES
+        self.plain.is_some()
     }
 
-    fn quantile(&self, q: f64) -> Option<f64> {
-        if self.sorted.is_empty() {
-            return None;
+    /// The ladder used for tasks of unknown audio length.
+    pub fn ladder(&self) -> Option<&Ladder> {
+        self.plain.as_ref()
+    }
+
+    /// The ladder used for tasks whose audio length is known.
+    pub fn per_audio_ladder(&self) -> Option<&Ladder> {
+        self.per_audio.as_ref()
+    }
+
+    /// Chooses the ladders again if new durations came in (at most every
+    /// [`REFIT_EVERY`]) or the limits changed. True if it did.
+    pub fn refit(&mut self, limits: Limits, now: Instant) -> bool {
+        let due = self.stale
+            && (self.plain.is_none()
+                || self
+                    .fitted_at
+                    .is_none_or(|at| now.duration_since(at) >= REFIT_EVERY));
+        if !due && self.fitted_for == Some(limits) {
+            return false;
         }
-        let pos = (q * (self.sorted.len() - 1) as f64).round() as usize;
-        self.sorted.get(pos.min(self.sorted.len() - 1)).copied()
+        if self.samples.len() < MIN_SAMPLES {
+            return false;
+        }
+        let plain: Vec<(f64, f64)> = self.samples.iter().map(|s| (s.secs, 1.0)).collect();
+        let per_audio: Vec<(f64, f64)> = self
+            .samples
+            .iter()
+            .filter_map(|s| s.audio.map(|a| (s.secs / a, a)))
+            .collect();
+        self.plain = choose(&plain, limits);
+        self.per_audio = if per_audio.len() >= MIN_SAMPLES {
+            choose(&per_audio, limits)
+        } else {
+            None
+        };
+        self.fitted_at = Some(now);
+        self.fitted_for = Some(limits);
+        self.stale = false;
+        true
     }
 
-    /// How long to wait before the next poll of a task submitted `elapsed` ago.
-    pub fn next_delay(&self, elapsed: Duration) -> Duration {
-        self.next_delay_under(elapsed, Pressure::Normal)
-    }
-
-    /// [`PollModel::next_delay`], with the ladder chosen by budget pressure.
-    pub fn next_delay_under(&self, elapsed: Duration, pressure: Pressure) -> Duration {
+    /// How long to wait before the next poll of a task submitted `elapsed`
+    /// ago, on `audio` seconds of audio if known.
+    pub fn next_delay(&self, elapsed: Duration, audio: Option<f64>) -> Duration {
         let min = self.poll_min.as_secs_f64();
         let e = elapsed.as_secs_f64();
-        let delay = if self.is_trained() {
-            let next_quantile = pressure
-                .ladder()
-                .iter()
-                .filter_map(|q| self.quantile(*q))
-                .find(|t| *t > e + min / 2.0);
-            match next_quantile {
-                // A hair past the quantile, so the task is likely done.
-                Some(t) => t * 1.02 - e,
-                None => e * 0.5,
+        let ladder = match (audio.filter(|a| a.is_finite() && *a > 0.0), &self.per_audio) {
+            (Some(a), Some(l)) => Some((l, a)),
+            _ => self.plain.as_ref().map(|l| (l, 1.0)),
+        };
+        let delay = match ladder {
+            Some((ladder, scale)) => {
+                match ladder
+                    .times
+                    .iter()
+                    .map(|t| t * scale)
+                    .find(|t| *t > e + min / 2.0)
+                {
+                    Some(t) => t - e,
+                    None => e * 0.5,
+                }
             }
-        } else {
-            e.max(min)
+            None => e.max(min),
         };
         Duration::from_secs_f64(delay.clamp(min, self.poll_max.as_secs_f64().max(min)))
     }
+
+    /// In callback mode the API says when a task ends (and retries a
+    /// callback for minutes); polls are only a safety net for a callback lost
+    /// for good: at twice the longest duration seen or half `poll_max`,
+    /// whichever is later (the first tasks to end are the short ones, so
+    /// early samples understate durations), then backing off.
+    pub fn safety_delay(&self, elapsed: Duration, audio: Option<f64>) -> Duration {
+        let min = self.poll_min.as_secs_f64();
+        let max = self.poll_max.as_secs_f64().max(min);
+        let e = elapsed.as_secs_f64();
+        let last = match (audio.filter(|a| a.is_finite() && *a > 0.0), &self.per_audio) {
+            (Some(a), Some(l)) => l.times.last().map(|t| t * a),
+            _ => self.plain.as_ref().and_then(|l| l.times.last().copied()),
+        };
+        let delay = match last.map(|t| (t * 2.0).max(max / 2.0)) {
+            Some(t) if t > e + min / 2.0 => t - e,
+            Some(_) => e * 0.5,
+            None => max,
+        };
+        Duration::from_secs_f64(delay.clamp(min, max))
+    }
+}
+
+/// Value at quantile `q` of ascending `sorted` (nearest rank).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let pos = (q * (sorted.len() - 1) as f64).round() as usize;
+    sorted[pos.min(sorted.len() - 1)]
+}
+
+/// Replays a ladder over `points` of (duration in ladder units, seconds per
+/// unit): expected polls per task and mean delay in seconds.
+fn replay(times: &[f64], points: &[(f64, f64)]) -> (f64, f64) {
+    let mut polls = 0.0;
+    let mut delay = 0.0;
+    for &(x, scale) in points {
+        let i = times.partition_point(|t| *t < x);
+        match times.get(i) {
+            Some(t) => {
+                polls += (i + 1) as f64;
+                delay += (t - x) * scale;
+            }
+            // Outlived the ladder (only for durations past every sample).
+            None => {
+                polls += (times.len() + 1) as f64;
+                delay += x * 0.5 * scale;
+            }
+        }
+    }
+    let n = points.len().max(1) as f64;
+    (polls / n, delay / n)
+}
+
+/// The best ladder for `points` (see the module documentation).
+fn choose(points: &[(f64, f64)], limits: Limits) -> Option<Ladder> {
+    if points.is_empty() {
+        return None;
+    }
+    let mut sorted: Vec<f64> = points.iter().map(|p| p.0).collect();
+    sorted.sort_by(f64::total_cmp);
+    let mean_secs = points.iter().map(|(x, s)| x * s).sum::<f64>() / points.len() as f64;
+    let throughput = |l: &Ladder| -> f64 {
+        let by_requests = limits.requests_per_sec / (1.0 + l.polls);
+        let by_slots = limits.slots / (mean_secs + l.delay).max(1e-9);
+        by_requests.min(by_slots)
+    };
+    let better = |a: &Ladder, b: &Ladder| -> bool {
+        if limits.backlog {
+            let (ta, tb) = (throughput(a), throughput(b));
+            // Within half a percent the cheaper ladder wins.
+            if (ta - tb).abs() > 0.005 * ta.max(tb) {
+                return ta > tb;
+            }
+            if (a.polls - b.polls).abs() > 1e-9 {
+                return a.polls < b.polls;
+            }
+            a.delay < b.delay
+        } else {
+            if (a.delay - b.delay).abs() > 1e-9 {
+                return a.delay < b.delay;
+            }
+            a.polls < b.polls
+        }
+    };
+    let mut best: Option<Ladder> = None;
+    for rungs in 1..=MAX_RUNGS {
+        for first in FIRST_RUNGS {
+            if rungs == 1 && first < 1.0 {
+                continue;
+            }
+            let mut times: Vec<f64> = (0..rungs)
+                .map(|i| {
+                    let q = if rungs == 1 {
+                        1.0
+                    } else {
+                        first + (1.0 - first) * i as f64 / (rungs - 1) as f64
+                    };
+                    quantile(&sorted, q) * PAST
+                })
+                .collect();
+            times.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
+            let (polls, delay) = replay(&times, points);
+            if polls > MAX_POLLS {
+                continue;
+            }
+            let candidate = Ladder {
+                times,
+                polls,
+                delay,
+            };
+            if best.as_ref().is_none_or(|b| better(&candidate, b)) {
+                best = Some(candidate);
+            }
+        }
+    }
+    best
 }
 
 #[cfg(test)]
@@ -132,57 +313,147 @@ mod tests {
         PollModel::new(Duration::from_secs(1), Duration::from_secs(60))
     }
 
+    /// Requests plentiful, slots scarce.
+    const SLOT_BOUND: Limits = Limits {
+        requests_per_sec: 1000.0,
+        slots: 10.0,
+        backlog: true,
+    };
+    /// Slots plentiful, requests scarce.
+    const REQUEST_BOUND: Limits = Limits {
+        requests_per_sec: 1.0,
+        slots: 1000.0,
+        backlog: true,
+    };
+
+    fn trained(limits: Limits) -> PollModel {
+        let mut m = model();
+        for s in 10..=30 {
+            m.observe(Duration::from_secs(s), None);
+        }
+        assert!(m.refit(limits, Instant::now()));
+        m
+    }
+
     #[test]
     fn untrained_intervals_double_within_bounds() {
         let m = model();
-        assert_eq!(m.next_delay(Duration::ZERO), Duration::from_secs(1));
-        assert_eq!(m.next_delay(Duration::from_secs(4)), Duration::from_secs(4));
+        assert_eq!(m.next_delay(Duration::ZERO, None), Duration::from_secs(1));
         assert_eq!(
-            m.next_delay(Duration::from_secs(500)),
+            m.next_delay(Duration::from_secs(4), None),
+            Duration::from_secs(4)
+        );
+        assert_eq!(
+            m.next_delay(Duration::from_secs(500), None),
             Duration::from_secs(60)
         );
     }
 
     #[test]
-    fn trained_first_poll_lands_past_the_median() {
-        let mut m = model();
-        for s in [10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30] {
-            m.observe(Duration::from_secs(s));
-        }
-        let first = m.next_delay(Duration::ZERO).as_secs_f64();
-        assert!((20.0..21.0).contains(&first), "{first}");
-        // Found running at 20.4 s: next near the 75th percentile.
-        let second = m.next_delay(Duration::from_secs_f64(20.4)).as_secs_f64();
-        assert!((5.0..7.0).contains(&second), "{second}");
+    fn scarce_requests_poll_once_late() {
+        let m = trained(REQUEST_BOUND);
+        let l = m.ladder().expect("trained");
+        // One poll past the longest task: every task is seen on it.
+        assert!((l.polls - 1.0).abs() < 1e-9, "{l:?}");
+        let first = m.next_delay(Duration::ZERO, None).as_secs_f64();
+        assert!((30.0..31.0).contains(&first), "{first}");
+    }
+
+    #[test]
+    fn scarce_slots_poll_densely_within_the_cap() {
+        let m = trained(SLOT_BOUND);
+        let l = m.ladder().expect("trained");
+        assert!(l.polls <= MAX_POLLS && l.polls > 2.0, "{l:?}");
+        // Uniform 10..30 s at three polls: delay near a tenth of the range.
+        assert!(l.delay < 2.5, "{l:?}");
+        let first = m.next_delay(Duration::ZERO, None).as_secs_f64();
+        assert!(first < 20.0, "{first}");
+        // Found running at the first rung: the next one follows soon.
+        let second = m
+            .next_delay(Duration::from_secs_f64(first + 0.1), None)
+            .as_secs_f64();
+        assert!(second < 6.0, "{second}");
         // Outlived everything: back off by half the age, capped.
-        let late = m.next_delay(Duration::from_secs(40)).as_secs_f64();
+        let late = m.next_delay(Duration::from_secs(40), None).as_secs_f64();
         assert!((19.0..=21.0).contains(&late), "{late}");
     }
 
     #[test]
-    fn pressure_moves_the_first_poll() {
+    fn without_backlog_delay_is_minimised() {
+        let idle = Limits {
+            backlog: false,
+            ..REQUEST_BOUND
+        };
+        let busy = trained(REQUEST_BOUND);
+        let calm = trained(idle);
+        let (b, c) = (busy.ladder().expect("b"), calm.ladder().expect("c"));
+        assert!(c.delay < b.delay && c.polls > b.polls, "{b:?} {c:?}");
+        assert!(c.polls <= MAX_POLLS);
+    }
+
+    #[test]
+    fn known_audio_length_narrows_the_guess() {
         let mut m = model();
-        for s in 10..=30 {
-            m.observe(Duration::from_secs(s));
+        // 2 s of work per second of audio, on 5 s and 20 s clips.
+        for i in 0..40 {
+            let audio = if i % 2 == 0 { 5.0 } else { 20.0 };
+            m.observe(Duration::from_secs_f64(audio * 2.0), Some(audio));
         }
-        let slack = m.next_delay_under(Duration::ZERO, Pressure::Slack);
-        let normal = m.next_delay_under(Duration::ZERO, Pressure::Normal);
-        let tight = m.next_delay_under(Duration::ZERO, Pressure::Tight);
-        assert!(
-            slack < normal && normal == tight,
-            "{slack:?} {normal:?} {tight:?}"
+        assert!(m.refit(SLOT_BOUND, Instant::now()));
+        let a = m.per_audio_ladder().expect("per-audio ladder");
+        assert!(a.polls < 1.01 && a.delay < 0.6, "{a:?}");
+        let short = m.next_delay(Duration::ZERO, Some(5.0)).as_secs_f64();
+        let long = m.next_delay(Duration::ZERO, Some(20.0)).as_secs_f64();
+        assert!((10.0..10.5).contains(&short), "{short}");
+        assert!((40.0..41.0).contains(&long), "{long}");
+        // Unknown length: the plain ladder over both kinds of task.
+        let plain = m.ladder().expect("plain");
+        assert!(plain.polls > a.polls + 0.4, "{plain:?}");
+    }
+
+    #[test]
+    fn refits_are_throttled_but_follow_the_limits() {
+        let mut m = trained(SLOT_BOUND);
+        let t0 = Instant::now() + REFIT_EVERY;
+        m.observe(Duration::from_secs(12), None);
+        assert!(m.refit(SLOT_BOUND, t0));
+        m.observe(Duration::from_secs(13), None);
+        assert!(!m.refit(SLOT_BOUND, t0), "too soon");
+        assert!(m.refit(REQUEST_BOUND, t0), "limits changed");
+        m.observe(Duration::from_secs(14), None);
+        assert!(m.refit(REQUEST_BOUND, t0 + REFIT_EVERY));
+    }
+
+    #[test]
+    fn callback_safety_polls_come_well_after_the_longest_task() {
+        let untrained = model();
+        assert_eq!(
+            untrained.safety_delay(Duration::ZERO, None),
+            Duration::from_secs(60)
         );
-        assert_eq!(Pressure::of(90, 100), Pressure::Tight);
-        assert_eq!(Pressure::of(10, 100), Pressure::Slack);
-        assert_eq!(Pressure::of(50, 100), Pressure::Normal);
+        let m = trained(SLOT_BOUND);
+        // Twice the longest (30 s x 1.02), capped by poll_max.
+        let first = m.safety_delay(Duration::ZERO, None).as_secs_f64();
+        assert!((59.0..=60.0).contains(&first), "{first}");
+        let later = m.safety_delay(Duration::from_secs(70), None).as_secs_f64();
+        assert!((34.0..36.0).contains(&later), "{later}");
+        // Short tasks: half of poll_max at the earliest.
+        let mut short = model();
+        for _ in 0..10 {
+            short.observe(Duration::from_secs(2), None);
+        }
+        short.refit(SLOT_BOUND, Instant::now());
+        let first = short.safety_delay(Duration::ZERO, None).as_secs_f64();
+        assert!((29.0..=30.0).contains(&first), "{first}");
     }
 
     #[test]
     fn intervals_respect_poll_min() {
         let mut m = model();
         for _ in 0..10 {
-            m.observe(Duration::from_millis(100));
+            m.observe(Duration::from_millis(100), None);
         }
-        assert_eq!(m.next_delay(Duration::ZERO), Duration::from_secs(1));
+        m.refit(SLOT_BOUND, Instant::now());
+        assert_eq!(m.next_delay(Duration::ZERO, None), Duration::from_secs(1));
     }
 }

@@ -89,6 +89,7 @@ fn routes(shared: Arc<Shared>) -> Router {
         .route("/api/v1/generateTask/infinitetalk", post(submit))
         .route("/api/v1/statusTask/infinitetalk", get(status))
         .route("/files/{task_id}/{file}", get(download))
+        .route("/media/{name}", get(media))
         .route("/sim/stats", get(admin_stats))
         .route("/sim/faults", get(admin_faults).put(admin_set_faults))
         .route("/sim/tasks", get(admin_tasks))
@@ -311,6 +312,58 @@ async fn download(
         return envelope(404, "no such file");
     };
     serve_file(bytes, headers.get(header::RANGE), draw.cut_download)
+}
+
+/// Probe-able audio for manifests that point at the simulator: a silent
+/// 8 kHz 8-bit mono WAV as long as the simulator will say the task's audio is
+/// (`sim_audio_seconds`, else the URL's stable 5..60 s). Not an API endpoint:
+/// never counted, never faulty.
+async fn media(
+    Path(name): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if !name.to_ascii_lowercase().ends_with(".wav") {
+        return envelope(404, "only .wav media is served");
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("localhost");
+    let url = match &query {
+        Some(q) => format!("http://{host}/media/{name}?{q}"),
+        None => format!("http://{host}/media/{name}"),
+    };
+    let mut resp = serve_file(
+        silent_wav(super::state::audio_seconds(&url)),
+        headers.get(header::RANGE),
+        false,
+    );
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("audio/wav"));
+    resp
+}
+
+/// A silent 8 kHz, 8-bit, mono PCM WAV file of `seconds`.
+pub(crate) fn silent_wav(seconds: f64) -> Vec<u8> {
+    const RATE: u32 = 8000;
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    let samples = (seconds.clamp(0.0, 600.0) * f64::from(RATE)).round() as u32;
+    let mut wav = Vec::with_capacity(44 + samples as usize);
+    wav.extend_from_slice(b"RIFF");
+    wav.extend_from_slice(&(36 + samples).to_le_bytes());
+    wav.extend_from_slice(b"WAVEfmt ");
+    wav.extend_from_slice(&16u32.to_le_bytes());
+    wav.extend_from_slice(&1u16.to_le_bytes()); // PCM
+    wav.extend_from_slice(&1u16.to_le_bytes()); // mono
+    wav.extend_from_slice(&RATE.to_le_bytes());
+    wav.extend_from_slice(&RATE.to_le_bytes()); // bytes per second
+    wav.extend_from_slice(&1u16.to_le_bytes()); // block align
+    wav.extend_from_slice(&8u16.to_le_bytes()); // bits per sample
+    wav.extend_from_slice(b"data");
+    wav.extend_from_slice(&samples.to_le_bytes());
+    wav.resize(44 + samples as usize, 0x80);
+    wav
 }
 
 /// Parses `bytes=N-` or `bytes=N-M`; `None` for anything else (then the whole
