@@ -6,7 +6,8 @@
 //! ```
 //!
 //! Defaults: 1000 tasks, 1200 requests/min, 50 concurrent, time factor 0.015
-//! (tasks of 5..20 s of audio then take about 0.75..9 s), mode `probe`.
+//! (tasks of 5..20 s of audio then take about 0.75..9 s), mode `all` (the
+//! three below, one after the other, then a table of the three).
 //! MODE says what the daemon knows about when a task will end:
 //!
 //! - `poll`: nothing; it polls on durations learned from finished tasks;
@@ -21,12 +22,18 @@
 //! binary (`target/release/infinitetalk-batch run`) against it as a child,
 //! waits for `results.csv`, and prints:
 //!
-//! - drain time against the lower bound
+//! - drain time (from the batch's acceptance to its `results.csv`, as the
+//!   store records them; the wall time from the daemon's start, which adds
+//!   its start-up and the inbox's settle time, is printed beside it) against
+//!   the lower bound
 //!   max(total task time / concurrency, 2 x tasks / rate);
 //! - status polls per task (simulator's `status_requests` / tasks);
 //! - the median and 90th percentile delay between a task finishing and the
 //!   daemon noticing it (from the store: seen-finished − submitted − costTime);
 //! - 429s counted by the simulator;
+//! - the polling floor: the least mean detection delay any ladder of at most
+//!   3 polls a task could reach on these very durations (the daemon's own
+//!   chooser, told every duration afterwards);
 //! - the daemon's CPU time (user + system, /proc/PID/stat) per 1000 API
 //!   requests, and its peak RSS.
 //!
@@ -42,6 +49,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use infinitetalk_batch::dispatch::schedule::{self, Ladder, Limits, PollModel};
 use infinitetalk_batch::simulator::{self, SimArgs};
 use infinitetalk_batch::store::{RowKey, RowState, Store};
 use tokio_util::sync::CancellationToken;
@@ -61,18 +69,68 @@ where
     }
 }
 
+/// The headline figures of one run.
+struct Summary {
+    mode: String,
+    drain: f64,
+    bound: f64,
+    polls_per_task: f64,
+    median_delay: f64,
+    rejected_429: u64,
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<(), BoxError> {
     let tasks: usize = arg(1, 1000)?;
     let rate: u32 = arg(2, 1200)?;
     let concurrency: u32 = arg(3, 50)?;
     let time_factor: f64 = arg(4, 0.015)?;
-    let mode: String = arg(5, "probe".to_owned())?;
-    if !["poll", "probe", "callback"].contains(&mode.as_str()) {
-        return Err(format!("argument 5: mode {mode:?}: use poll, probe or callback").into());
-    }
+    let mode: String = arg(5, "all".to_owned())?;
+    let modes: Vec<&str> = match mode.as_str() {
+        "all" => vec!["poll", "probe", "callback"],
+        m @ ("poll" | "probe" | "callback") => vec![m],
+        other => {
+            return Err(
+                format!("argument 5: mode {other:?}: use poll, probe, callback or all").into(),
+            );
+        }
+    };
     let bin = binary()?;
+    let mut summaries = Vec::new();
+    for mode in modes {
+        summaries.push(run(&bin, tasks, rate, concurrency, time_factor, mode).await?);
+        println!();
+    }
+    if summaries.len() > 1 {
+        println!(
+            "summary ({tasks} tasks, {rate} requests/min, {concurrency} concurrent, time factor {time_factor}):"
+        );
+        println!("mode      drain (s)  bound (s)  ratio  polls/task  median delay (s)  429s");
+        for s in &summaries {
+            println!(
+                "{:<9} {:>9.1}  {:>9.1}  {:>5.3}  {:>10.2}  {:>16.2}  {:>4}",
+                s.mode,
+                s.drain,
+                s.bound,
+                s.drain / s.bound,
+                s.polls_per_task,
+                s.median_delay,
+                s.rejected_429
+            );
+        }
+    }
+    Ok(())
+}
 
+/// One drain of `tasks` rows by the daemon in `mode`, printed and summed up.
+async fn run(
+    bin: &Path,
+    tasks: usize,
+    rate: u32,
+    concurrency: u32,
+    time_factor: f64,
+    mode: &str,
+) -> Result<Summary, BoxError> {
     let stop = CancellationToken::new();
     let sim = simulator::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -116,14 +174,14 @@ async fn main() -> Result<(), BoxError> {
         let ms = (30.0 * 60_000.0 * time_factor).max(1000.0);
         extra.push_str(&format!(" --poll-max {ms:.0}ms"));
     }
-    match mode.as_str() {
+    match mode {
         "probe" => extra.push_str(" --probe"),
         "callback" => extra.push_str(&format!(" --callback-url http://{listen}")),
         _ => {}
     }
     let extra = extra.trim().to_owned();
     let started = Instant::now();
-    let mut child = Command::new(&bin)
+    let mut child = Command::new(bin)
         .arg("run")
         .arg("--inbox")
         .arg(&inbox)
@@ -165,7 +223,7 @@ async fn main() -> Result<(), BoxError> {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let drain = started.elapsed().as_secs_f64();
+    let wall = started.elapsed().as_secs_f64();
     let cpu = cpu_seconds(pid);
     let rss = peak_rss_mb(pid);
     let stats = sim.stats();
@@ -184,7 +242,13 @@ async fn main() -> Result<(), BoxError> {
         .into_iter()
         .find(|b| b.name == "drain")
         .ok_or("no batch")?;
+    let drain = batch
+        .finished_at_ms
+        .ok_or("the batch has no end time")?
+        .saturating_sub(batch.created_at_ms) as f64
+        / 1000.0;
     let mut delays = Vec::new();
+    let mut durations = Vec::new();
     let mut total_task_ms = 0u64;
     let mut done = 0;
     for row in 1..=batch.total_rows {
@@ -201,6 +265,8 @@ async fn main() -> Result<(), BoxError> {
         if let (Some(s), Some(f), Some(c)) = (r.submitted_at_ms, r.finished_at_ms, r.cost_time_ms) {
             total_task_ms += c;
             delays.push(f.saturating_sub(s).saturating_sub(c) as f64 / 1000.0);
+            // Row n of the manifest is d{n-1}, on 5 + (n-1) % 16 s of audio.
+            durations.push((c, 5.0 + ((row - 1) % 16) as f64));
         }
     }
     delays.sort_by(f64::total_cmp);
@@ -221,7 +287,7 @@ async fn main() -> Result<(), BoxError> {
     );
     println!("rows done: {done} of {}", batch.total_rows);
     println!(
-        "drain time: {drain:.1} s; lower bound {bound:.1} s (total task time / concurrency = {by_concurrency:.1} s, 2N / rate = {by_rate:.1} s); ratio {:.3} (target <= 1.10)",
+        "drain time: {drain:.1} s (batch accepted -> results.csv written; {wall:.1} s from daemon start); lower bound {bound:.1} s (total task time / concurrency = {by_concurrency:.1} s, 2N / rate = {by_rate:.1} s); ratio {:.3} (target <= 1.10)",
         drain / bound
     );
     println!(
@@ -262,7 +328,52 @@ async fn main() -> Result<(), BoxError> {
     if let Some(mb) = rss {
         println!("daemon peak RSS: {mb:.1} MB");
     }
-    Ok(())
+    polling_floor(&durations, concurrency);
+    Ok(Summary {
+        mode: mode.to_owned(),
+        drain,
+        bound,
+        polls_per_task: stats.status_requests as f64 / stats.tasks_created.max(1) as f64,
+        median_delay: pct(0.5),
+        rejected_429: stats.rejected_429,
+    })
+}
+
+/// What polling alone could do for these very durations: the daemon's own
+/// ladder chooser, told every duration afterwards and asked for the least
+/// delay within its polls-per-task cap. Where concurrency is the bound, the
+/// drain ratio cannot beat 1 + delay / mean task time by polling.
+fn polling_floor(durations: &[(u64, f64)], concurrency: u32) {
+    if durations.is_empty() {
+        return;
+    }
+    let mut model = PollModel::new(Duration::from_millis(1), Duration::from_secs(3600));
+    for &(ms, audio) in durations {
+        model.observe(Duration::from_millis(ms), Some(audio));
+    }
+    model.start();
+    let limits = Limits {
+        requests_per_sec: f64::MAX,
+        slots: f64::from(concurrency),
+        backlog: false,
+    };
+    model.refit(limits, std::time::Instant::now());
+    let mean = durations.iter().map(|d| d.0 as f64).sum::<f64>() / durations.len() as f64 / 1000.0;
+    let show = |l: Option<&Ladder>| match l {
+        Some(l) => format!(
+            "{:.2} s ({:.1}% of the mean task time {mean:.2} s) at {:.2} polls",
+            l.delay,
+            100.0 * l.delay / mean,
+            l.polls
+        ),
+        None => "unknown".into(),
+    };
+    println!(
+        "polling floor for these durations (best ladder within {} polls a task, knowing every duration afterwards): mean detection delay {} without audio lengths, {} with them",
+        schedule::MAX_POLLS,
+        show(model.ladder()),
+        show(model.per_audio_ladder())
+    );
 }
 
 fn binary() -> Result<PathBuf, BoxError> {

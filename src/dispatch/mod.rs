@@ -726,18 +726,39 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
         }
         due.insert((at, key));
     };
+    // The first tasks followed teach the model; it starts once all of them
+    // have ended (a partial cohort would hold only the short ones).
     let mut scouts: HashSet<RowKey> = HashSet::new();
-    let plan =
-        |model: &PollModel, scouts: &HashSet<RowKey>, key: RowKey, t: &Tracked| -> Duration {
-            if callback_mode {
-                model.safety_delay(t.submitted.elapsed(), t.audio)
-            } else if !model.is_trained() && !scouts.contains(&key) {
-                // Scouts will teach the model: until then this task waits.
-                settings.poll_max
-            } else {
-                model.next_delay(t.submitted.elapsed(), t.audio)
-            }
+    let mut cohort_full = false;
+    let plan = |model: &PollModel, scouts: &HashSet<RowKey>, key: RowKey, t: &Tracked| -> Instant {
+        let polled = t
+            .last_poll
+            .map(|p| p.saturating_duration_since(t.submitted));
+        let age = if callback_mode {
+            model.safety_poll(polled, t.audio)
+        } else if !model.is_trained() && !scouts.contains(&key) {
+            // Scouts will teach the model: until then this task waits.
+            polled.unwrap_or_default() + settings.poll_max
+        } else {
+            model.next_poll(polled, t.audio)
         };
+        (t.submitted + age).max(Instant::now())
+    };
+    // A new ladder (the first one, or one for a queue that filled or
+    // emptied): every waiting task follows it, except those backing off
+    // after errors.
+    let replan_all = |model: &PollModel,
+                      scouts: &HashSet<RowKey>,
+                      tasks: &HashMap<RowKey, Tracked>,
+                      due: &mut BTreeSet<(Instant, RowKey)>,
+                      next_at: &mut HashMap<RowKey, Instant>| {
+        let keys: Vec<RowKey> = next_at.keys().copied().collect();
+        for k in keys {
+            if let Some(t) = tasks.get(&k).filter(|t| t.errors == 0) {
+                schedule(due, next_at, k, plan(model, scouts, k, t));
+            }
+        }
+    };
 
     loop {
         engine.poll_loop_tick();
@@ -749,9 +770,17 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
         tokio::select! {
             () = engine.shutdown.cancelled() => break,
             _ = alive.tick() => {
-                // Follows a queue that filled or emptied since the last task ended.
+                let was_trained = model.is_trained();
+                if !was_trained && cohort_ended(&model, &scouts, &tasks) {
+                    model.start();
+                }
+                // Also follows a queue that filled or emptied since the last task ended.
                 if model.refit(limits(&engine), Instant::now()) {
                     log_ladders(&model);
+                    if !was_trained {
+                        scouts.clear();
+                    }
+                    replan_all(&model, &scouts, &tasks, &mut due, &mut next_at);
                 }
             }
             cmd = cmds.recv() => match cmd {
@@ -760,10 +789,11 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                     let age = Duration::from_millis(now_ms().saturating_sub(submitted_at_ms));
                     let submitted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
                     let t = Tracked { task_id: task_id.clone(), submitted, audio: audio_seconds, polls: 0, errors: 0, last_poll: None, _slot: slot };
-                    if !callback_mode && !model.is_trained() && scouts.len() < SCOUTS {
+                    if !callback_mode && !model.is_trained() && !cohort_full && scouts.len() < SCOUTS {
                         scouts.insert(key);
+                        cohort_full = scouts.len() == SCOUTS;
                     }
-                    let at = Instant::now() + plan(&model, &scouts, key, &t);
+                    let at = plan(&model, &scouts, key, &t);
                     engine.track(&task_id, Some(key));
                     tasks.insert(key, t);
                     schedule(&mut due, &mut next_at, key, at);
@@ -786,7 +816,11 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                             let delay = match wait {
                                 Some(w) => w,
                                 None if t.errors > 0 => backoff(t.errors, settings.poll_min, settings.poll_max.max(Duration::from_secs(60))),
-                                None => plan(&model, &scouts, key, t),
+                                None => {
+                                    let at = plan(&model, &scouts, key, t);
+                                    schedule(&mut due, &mut next_at, key, at);
+                                    continue;
+                                }
                             };
                             schedule(&mut due, &mut next_at, key, Instant::now() + delay);
                         }
@@ -801,29 +835,15 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                         }
                         let was_trained = model.is_trained();
                         model.observe(took, audio);
+                        if !was_trained && cohort_ended(&model, &scouts, &tasks) {
+                            model.start();
+                        }
                         if model.refit(limits(&engine), Instant::now()) {
                             log_ladders(&model);
-                        }
-                        if !callback_mode && !model.is_trained() {
-                            // Keep enough scouts out to finish training.
-                            let waiting: Vec<RowKey> = tasks.keys().filter(|k| !scouts.contains(k) && next_at.contains_key(k)).copied().take(SCOUTS.saturating_sub(scouts.len())).collect();
-                            for k in waiting {
-                                scouts.insert(k);
-                                if let Some(t) = tasks.get(&k) {
-                                    let at = t.last_poll.unwrap_or(t.submitted) + model.next_delay(t.submitted.elapsed(), t.audio);
-                                    schedule(&mut due, &mut next_at, k, at.max(Instant::now()));
-                                }
+                            if !was_trained {
+                                scouts.clear();
                             }
-                        }
-                        if !was_trained && model.is_trained() {
-                            // The first real durations: re-plan every waiting task.
-                            let keys: Vec<RowKey> = next_at.keys().copied().collect();
-                            for k in keys {
-                                if let Some(t) = tasks.get(&k) {
-                                    let at = t.last_poll.unwrap_or(t.submitted) + plan(&model, &scouts, k, t);
-                                    schedule(&mut due, &mut next_at, k, at.max(Instant::now()));
-                                }
-                            }
+                            replan_all(&model, &scouts, &tasks, &mut due, &mut next_at);
                         }
                         engine.work.notify_one();
                     }
@@ -874,6 +894,25 @@ fn log_ladders(model: &PollModel) {
             tracing::debug!(kind, rungs = ?l.times, expected_polls = l.polls, expected_delay_s = l.delay, samples = model.samples(), "poll ladder");
         }
     }
+}
+
+/// Whether the scouts have taught the model enough to start it: all of them
+/// ended, or the ones left have run for over three times the longest
+/// duration seen (a stuck task must not keep every other task waiting).
+fn cohort_ended(
+    model: &PollModel,
+    scouts: &HashSet<RowKey>,
+    tasks: &HashMap<RowKey, Tracked>,
+) -> bool {
+    if model.samples() == 0 {
+        return false;
+    }
+    let longest = model.longest().unwrap_or(0.0);
+    scouts.iter().all(|k| {
+        tasks
+            .get(k)
+            .is_none_or(|t| t.submitted.elapsed().as_secs_f64() > 3.0 * longest)
+    })
 }
 
 /// What the poll ladder is chosen for, now.

@@ -18,14 +18,15 @@
 //! Either way at most [`MAX_POLLS`] polls a task on average. When the audio
 //! length of tasks is known (`--probe`), durations are also learned per second
 //! of audio: task time grows with audio length, so a task's own length narrows
-//! the guess a lot. Until enough tasks have finished, intervals double from
-//! `poll_min`. Once a task has outlived its whole ladder, polls back off
-//! geometrically. Every interval is kept within `poll_min..=poll_max`.
+//! the guess a lot. Until the model has started (the engine starts it once a
+//! whole first cohort of tasks has ended), intervals double from `poll_min`.
+//! Once a task has outlived its whole ladder, polls back off geometrically.
+//! Every interval is kept within `poll_min..=poll_max`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-/// Finished tasks needed before quantiles are trusted.
+/// Finished tasks with a known audio length needed for a per-audio ladder.
 const MIN_SAMPLES: usize = 5;
 /// Durations remembered (the most recent ones).
 const MAX_SAMPLES: usize = 512;
@@ -42,6 +43,12 @@ const FIRST_RUNGS: [f64; 17] = [
 ];
 /// Most rungs in a ladder.
 const MAX_RUNGS: usize = 8;
+/// Rungs of a ladder are at least this factor apart...
+const RUNG_STEP: f64 = 1.1;
+/// ...and a task's next poll comes at least this factor after its last one:
+/// ladders are re-chosen as durations come in, and a rung that merely moved
+/// a little must not earn a task a second poll.
+const POLL_STEP: f64 = 1.05;
 
 /// What the ladder is chosen for: the engine's limits and whether rows wait.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -80,6 +87,8 @@ pub struct PollModel {
     fitted_at: Option<Instant>,
     fitted_for: Option<Limits>,
     stale: bool,
+    /// The samples so far are a fair picture of durations (see [`PollModel::start`]).
+    ready: bool,
     poll_min: Duration,
     poll_max: Duration,
 }
@@ -93,6 +102,7 @@ impl PollModel {
             fitted_at: None,
             fitted_for: None,
             stale: false,
+            ready: false,
             poll_min,
             poll_max,
         }
@@ -114,6 +124,18 @@ impl PollModel {
 
     pub fn samples(&self) -> usize {
         self.samples.len()
+    }
+
+    /// The longest duration seen, in seconds.
+    pub fn longest(&self) -> Option<f64> {
+        self.samples.iter().map(|s| s.secs).reduce(f64::max)
+    }
+
+    /// Lets the next [`PollModel::refit`] choose ladders. The first tasks
+    /// to end are the short ones, so the caller says when the samples stop
+    /// being a biased picture: when a whole cohort of tasks has ended.
+    pub fn start(&mut self) {
+        self.ready = true;
     }
 
     /// True once the durations of enough finished tasks are known.
@@ -142,7 +164,7 @@ impl PollModel {
         if !due && self.fitted_for == Some(limits) {
             return false;
         }
-        if self.samples.len() < MIN_SAMPLES {
+        if !self.ready || self.samples.is_empty() {
             return false;
         }
         let plain: Vec<(f64, f64)> = self.samples.iter().map(|s| (s.secs, 1.0)).collect();
@@ -163,51 +185,58 @@ impl PollModel {
         true
     }
 
-    /// How long to wait before the next poll of a task submitted `elapsed`
-    /// ago, on `audio` seconds of audio if known.
-    pub fn next_delay(&self, elapsed: Duration, audio: Option<f64>) -> Duration {
-        let min = self.poll_min.as_secs_f64();
-        let e = elapsed.as_secs_f64();
-        let ladder = match (audio.filter(|a| a.is_finite() && *a > 0.0), &self.per_audio) {
+    /// The ladder (and its scale) for a task on `audio` seconds of audio.
+    fn ladder_for(&self, audio: Option<f64>) -> Option<(&Ladder, f64)> {
+        match (audio.filter(|a| a.is_finite() && *a > 0.0), &self.per_audio) {
             (Some(a), Some(l)) => Some((l, a)),
             _ => self.plain.as_ref().map(|l| (l, 1.0)),
+        }
+    }
+
+    /// Keeps the poll after one at `from` within `poll_min..=poll_max` of it.
+    fn bounded(&self, from: f64, at: f64) -> Duration {
+        let min = self.poll_min.as_secs_f64();
+        let max = self.poll_max.as_secs_f64().max(min);
+        Duration::from_secs_f64(at.clamp(from + min, from + max))
+    }
+
+    /// When (as the task's age) to poll next a task last polled at age
+    /// `polled` (never: `None`), on `audio` seconds of audio if known. An
+    /// age already past means "now".
+    pub fn next_poll(&self, polled: Option<Duration>, audio: Option<f64>) -> Duration {
+        let from = polled.map_or(0.0, |d| d.as_secs_f64());
+        let min = self.poll_min.as_secs_f64();
+        let at = match self.ladder_for(audio) {
+            // Untrained (a scout): intervals double.
+            None => from * 2.0,
+            Some((ladder, scale)) => ladder
+                .times
+                .iter()
+                .map(|t| t * scale)
+                .find(|t| *t > from * POLL_STEP + min / 2.0)
+                // Outlived the whole ladder: back off by half its age.
+                .unwrap_or(from * 1.5),
         };
-        let delay = match ladder {
-            Some((ladder, scale)) => {
-                match ladder
-                    .times
-                    .iter()
-                    .map(|t| t * scale)
-                    .find(|t| *t > e + min / 2.0)
-                {
-                    Some(t) => t - e,
-                    None => e * 0.5,
-                }
-            }
-            None => e.max(min),
-        };
-        Duration::from_secs_f64(delay.clamp(min, self.poll_max.as_secs_f64().max(min)))
+        self.bounded(from, at)
     }
 
     /// In callback mode the API says when a task ends (and retries a
     /// callback for minutes); polls are only a safety net for a callback lost
     /// for good: at twice the longest duration seen or half `poll_max`,
-    /// whichever is later (the first tasks to end are the short ones, so
-    /// early samples understate durations), then backing off.
-    pub fn safety_delay(&self, elapsed: Duration, audio: Option<f64>) -> Duration {
-        let min = self.poll_min.as_secs_f64();
-        let max = self.poll_max.as_secs_f64().max(min);
-        let e = elapsed.as_secs_f64();
-        let last = match (audio.filter(|a| a.is_finite() && *a > 0.0), &self.per_audio) {
-            (Some(a), Some(l)) => l.times.last().map(|t| t * a),
-            _ => self.plain.as_ref().and_then(|l| l.times.last().copied()),
+    /// whichever is later, then backing off. Same terms as
+    /// [`PollModel::next_poll`].
+    pub fn safety_poll(&self, polled: Option<Duration>, audio: Option<f64>) -> Duration {
+        let from = polled.map_or(0.0, |d| d.as_secs_f64());
+        let max = self.poll_max.as_secs_f64();
+        let at = match self.ladder_for(audio) {
+            None => from + max,
+            Some((ladder, scale)) => {
+                let last = ladder.times.last().map_or(0.0, |t| t * scale);
+                let safety = (last * 2.0).max(max / 2.0);
+                if safety > from { safety } else { from * 1.5 }
+            }
         };
-        let delay = match last.map(|t| (t * 2.0).max(max / 2.0)) {
-            Some(t) if t > e + min / 2.0 => t - e,
-            Some(_) => e * 0.5,
-            None => max,
-        };
-        Duration::from_secs_f64(delay.clamp(min, max))
+        self.bounded(from, at)
     }
 }
 
@@ -238,6 +267,25 @@ fn replay(times: &[f64], points: &[(f64, f64)]) -> (f64, f64) {
     }
     let n = points.len().max(1) as f64;
     (polls / n, delay / n)
+}
+
+/// Drops rungs closer than [`RUNG_STEP`] to the one before, always keeping
+/// the last (past every duration seen).
+fn spread_out(times: &mut Vec<f64>) {
+    let Some(&last) = times.last() else { return };
+    let mut kept: Vec<f64> = Vec::with_capacity(times.len());
+    for &t in times.iter() {
+        if kept.last().is_none_or(|k| t >= k * RUNG_STEP) {
+            kept.push(t);
+        }
+    }
+    while kept.len() > 1 && kept[kept.len() - 2] * RUNG_STEP > last {
+        kept.remove(kept.len() - 2);
+    }
+    if let Some(l) = kept.last_mut() {
+        *l = last;
+    }
+    *times = kept;
 }
 
 /// The best ladder for `points` (see the module documentation).
@@ -287,7 +335,7 @@ fn choose(points: &[(f64, f64)], limits: Limits) -> Option<Ladder> {
                     quantile(&sorted, q) * PAST
                 })
                 .collect();
-            times.dedup_by(|a, b| (*a - *b).abs() < 1e-9);
+            spread_out(&mut times);
             let (polls, delay) = replay(&times, points);
             if polls > MAX_POLLS {
                 continue;
@@ -326,27 +374,37 @@ mod tests {
         backlog: true,
     };
 
+    fn secs(s: f64) -> Duration {
+        Duration::from_secs_f64(s)
+    }
+
+    fn age(m: &PollModel, polled: Option<f64>) -> f64 {
+        m.next_poll(polled.map(secs), None).as_secs_f64()
+    }
+
     fn trained(limits: Limits) -> PollModel {
         let mut m = model();
         for s in 10..=30 {
             m.observe(Duration::from_secs(s), None);
         }
+        m.start();
         assert!(m.refit(limits, Instant::now()));
         m
     }
 
     #[test]
     fn untrained_intervals_double_within_bounds() {
-        let m = model();
-        assert_eq!(m.next_delay(Duration::ZERO, None), Duration::from_secs(1));
-        assert_eq!(
-            m.next_delay(Duration::from_secs(4), None),
-            Duration::from_secs(4)
-        );
-        assert_eq!(
-            m.next_delay(Duration::from_secs(500), None),
-            Duration::from_secs(60)
-        );
+        let mut m = model();
+        assert_eq!(age(&m, None), 1.0);
+        assert_eq!(age(&m, Some(4.0)), 8.0);
+        assert_eq!(age(&m, Some(500.0)), 560.0, "at most poll_max later");
+        // Samples alone do not start the model: a biased few would mislead it.
+        m.observe(secs(2.0), None);
+        assert!(!m.refit(SLOT_BOUND, Instant::now()));
+        assert!(!m.is_trained());
+        m.start();
+        assert!(m.refit(SLOT_BOUND, Instant::now()));
+        assert!(m.is_trained());
     }
 
     #[test]
@@ -355,7 +413,7 @@ mod tests {
         let l = m.ladder().expect("trained");
         // One poll past the longest task: every task is seen on it.
         assert!((l.polls - 1.0).abs() < 1e-9, "{l:?}");
-        let first = m.next_delay(Duration::ZERO, None).as_secs_f64();
+        let first = age(&m, None);
         assert!((30.0..31.0).contains(&first), "{first}");
     }
 
@@ -366,16 +424,26 @@ mod tests {
         assert!(l.polls <= MAX_POLLS && l.polls > 2.0, "{l:?}");
         // Uniform 10..30 s at three polls: delay near a tenth of the range.
         assert!(l.delay < 2.5, "{l:?}");
-        let first = m.next_delay(Duration::ZERO, None).as_secs_f64();
+        let first = age(&m, None);
         assert!(first < 20.0, "{first}");
         // Found running at the first rung: the next one follows soon.
-        let second = m
-            .next_delay(Duration::from_secs_f64(first + 0.1), None)
-            .as_secs_f64();
-        assert!(second < 6.0, "{second}");
-        // Outlived everything: back off by half the age, capped.
-        let late = m.next_delay(Duration::from_secs(40), None).as_secs_f64();
-        assert!((19.0..=21.0).contains(&late), "{late}");
+        let second = age(&m, Some(first + 0.1));
+        assert!(second - first < 6.0, "{first} {second}");
+        // Outlived everything: back off by half the age.
+        assert!((age(&m, Some(40.0)) - 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_poll_that_came_late_skips_the_rungs_it_passed() {
+        let m = trained(SLOT_BOUND);
+        let times = m.ladder().expect("trained").times.clone();
+        assert!(times.len() >= 3, "{times:?}");
+        // Polled (late) just past the second rung: the third is next.
+        let next = age(&m, Some(times[1] + 0.6));
+        assert!((next - times[2]).abs() < 1e-9, "{next} {times:?}");
+        // Never polled: the first rung, even if that moment has passed (the
+        // caller polls at once then).
+        assert!((age(&m, None) - times[0]).abs() < 1e-9);
     }
 
     #[test]
@@ -397,13 +465,14 @@ mod tests {
         // 2 s of work per second of audio, on 5 s and 20 s clips.
         for i in 0..40 {
             let audio = if i % 2 == 0 { 5.0 } else { 20.0 };
-            m.observe(Duration::from_secs_f64(audio * 2.0), Some(audio));
+            m.observe(secs(audio * 2.0), Some(audio));
         }
+        m.start();
         assert!(m.refit(SLOT_BOUND, Instant::now()));
         let a = m.per_audio_ladder().expect("per-audio ladder");
         assert!(a.polls < 1.01 && a.delay < 0.6, "{a:?}");
-        let short = m.next_delay(Duration::ZERO, Some(5.0)).as_secs_f64();
-        let long = m.next_delay(Duration::ZERO, Some(20.0)).as_secs_f64();
+        let short = m.next_poll(None, Some(5.0)).as_secs_f64();
+        let long = m.next_poll(None, Some(20.0)).as_secs_f64();
         assert!((10.0..10.5).contains(&short), "{short}");
         assert!((40.0..41.0).contains(&long), "{long}");
         // Unknown length: the plain ladder over both kinds of task.
@@ -415,36 +484,54 @@ mod tests {
     fn refits_are_throttled_but_follow_the_limits() {
         let mut m = trained(SLOT_BOUND);
         let t0 = Instant::now() + REFIT_EVERY;
-        m.observe(Duration::from_secs(12), None);
+        m.observe(secs(12.0), None);
         assert!(m.refit(SLOT_BOUND, t0));
-        m.observe(Duration::from_secs(13), None);
+        m.observe(secs(13.0), None);
         assert!(!m.refit(SLOT_BOUND, t0), "too soon");
         assert!(m.refit(REQUEST_BOUND, t0), "limits changed");
-        m.observe(Duration::from_secs(14), None);
+        m.observe(secs(14.0), None);
         assert!(m.refit(REQUEST_BOUND, t0 + REFIT_EVERY));
     }
 
     #[test]
     fn callback_safety_polls_come_well_after_the_longest_task() {
         let untrained = model();
-        assert_eq!(
-            untrained.safety_delay(Duration::ZERO, None),
-            Duration::from_secs(60)
-        );
+        assert_eq!(untrained.safety_poll(None, None), secs(60.0));
         let m = trained(SLOT_BOUND);
-        // Twice the longest (30 s x 1.02), capped by poll_max.
-        let first = m.safety_delay(Duration::ZERO, None).as_secs_f64();
+        // Twice the longest (30 s x 1.02), at most poll_max after the last poll.
+        let first = m.safety_poll(None, None).as_secs_f64();
         assert!((59.0..=60.0).contains(&first), "{first}");
-        let later = m.safety_delay(Duration::from_secs(70), None).as_secs_f64();
-        assert!((34.0..36.0).contains(&later), "{later}");
+        let later = m.safety_poll(Some(secs(70.0)), None).as_secs_f64();
+        assert!((later - 105.0).abs() < 1e-9, "{later}");
         // Short tasks: half of poll_max at the earliest.
         let mut short = model();
         for _ in 0..10 {
-            short.observe(Duration::from_secs(2), None);
+            short.observe(secs(2.0), None);
         }
+        short.start();
         short.refit(SLOT_BOUND, Instant::now());
-        let first = short.safety_delay(Duration::ZERO, None).as_secs_f64();
+        let first = short.safety_poll(None, None).as_secs_f64();
         assert!((29.0..=30.0).contains(&first), "{first}");
+    }
+
+    #[test]
+    fn rungs_are_spread_out_and_the_last_is_kept() {
+        let mut t = vec![1.0, 1.05, 1.2, 1.3, 2.0, 2.1];
+        spread_out(&mut t);
+        assert_eq!(t, vec![1.0, 1.2, 2.1]);
+        let mut t = vec![1.0, 1.01];
+        spread_out(&mut t);
+        assert_eq!(t, vec![1.01]);
+    }
+
+    #[test]
+    fn a_ladder_that_moved_a_little_earns_no_extra_poll() {
+        let m = trained(SLOT_BOUND);
+        let times = m.ladder().expect("trained").times.clone();
+        // Polled at a rung that has since moved 3% later: the next poll is
+        // the following rung, not the moved one.
+        let next = age(&m, Some(times[1] / 1.03));
+        assert!((next - times[2]).abs() < 1e-9, "{next} {times:?}");
     }
 
     #[test]
@@ -453,7 +540,9 @@ mod tests {
         for _ in 0..10 {
             m.observe(Duration::from_millis(100), None);
         }
+        m.start();
         m.refit(SLOT_BOUND, Instant::now());
-        assert_eq!(m.next_delay(Duration::ZERO, None), Duration::from_secs(1));
+        assert_eq!(m.next_poll(None, None), secs(1.0));
+        assert_eq!(m.next_poll(Some(secs(3.0)), None), secs(4.5));
     }
 }
