@@ -31,9 +31,10 @@
 //! - the median and 90th percentile delay between a task finishing and the
 //!   daemon noticing it (from the store: seen-finished − submitted − costTime);
 //! - 429s counted by the simulator;
-//! - the polling floor: the least mean detection delay any ladder of at most
-//!   3 polls a task could reach on these very durations (the daemon's own
-//!   chooser, told every duration afterwards);
+//! - the polling floor: the least mean detection delay a ladder within the
+//!   daemon's cap of polls a task (`schedule::MAX_POLLS`) could reach on
+//!   these very durations (the daemon's own chooser, told every duration
+//!   afterwards);
 //! - the daemon's CPU time (user + system, /proc/PID/stat) per 1000 API
 //!   requests, and its peak RSS.
 //!

@@ -19,7 +19,8 @@
 //! length of tasks is known (`--probe`), durations are also learned per second
 //! of audio: task time grows with audio length, so a task's own length narrows
 //! the guess a lot. Until the model has started (the engine starts it once a
-//! whole first cohort of tasks has ended), intervals double from `poll_min`.
+//! whole first cohort of tasks has ended), the cohort's intervals grow by
+//! half from `poll_min`.
 //! Once a task has outlived its whole ladder, polls back off geometrically.
 //! Every interval is kept within `poll_min..=poll_max`.
 
@@ -30,8 +31,10 @@ use std::time::{Duration, Instant};
 const MIN_SAMPLES: usize = 5;
 /// Durations remembered (the most recent ones).
 const MAX_SAMPLES: usize = 512;
-/// Most status polls a task may need on average under the chosen ladder.
-pub const MAX_POLLS: f64 = 3.0;
+/// Most status polls a task may need on average under the chosen ladder
+/// (a little under 3: scouts, stragglers and ladders that move as durations
+/// come in add a few polls to what the replay predicts).
+pub const MAX_POLLS: f64 = 2.8;
 /// Polls land a hair past their quantile, so the task is likely done.
 const PAST: f64 = 1.02;
 /// Ladders are re-chosen at most this often while tasks keep finishing.
@@ -43,6 +46,8 @@ const FIRST_RUNGS: [f64; 17] = [
 ];
 /// Most rungs in a ladder.
 const MAX_RUNGS: usize = 8;
+/// A scout's polls: each at this factor of the age of the one before.
+const SCOUT_STEP: f64 = 1.5;
 /// Rungs of a ladder are at least this factor apart...
 const RUNG_STEP: f64 = 1.1;
 /// ...and a task's next poll comes at least this factor after its last one:
@@ -207,8 +212,9 @@ impl PollModel {
         let from = polled.map_or(0.0, |d| d.as_secs_f64());
         let min = self.poll_min.as_secs_f64();
         let at = match self.ladder_for(audio) {
-            // Untrained (a scout): intervals double.
-            None => from * 2.0,
+            // Untrained (a scout): intervals grow by half, so that a scout
+            // is seen soon after it ends and the model can start.
+            None => from * SCOUT_STEP,
             Some((ladder, scale)) => ladder
                 .times
                 .iter()
@@ -393,10 +399,11 @@ mod tests {
     }
 
     #[test]
-    fn untrained_intervals_double_within_bounds() {
+    fn untrained_intervals_grow_within_bounds() {
         let mut m = model();
         assert_eq!(age(&m, None), 1.0);
-        assert_eq!(age(&m, Some(4.0)), 8.0);
+        assert_eq!(age(&m, Some(1.0)), 2.0, "at least poll_min later");
+        assert_eq!(age(&m, Some(4.0)), 6.0);
         assert_eq!(age(&m, Some(500.0)), 560.0, "at most poll_max later");
         // Samples alone do not start the model: a biased few would mislead it.
         m.observe(secs(2.0), None);
