@@ -670,3 +670,42 @@ fn bad_config_key_exits_2_naming_it() {
     assert!(stderr.contains("max-concurent"), "{stderr}");
     assert!(!dir.path().join("state").exists(), "nothing created");
 }
+
+#[tokio::test]
+async fn in_callback_mode_each_task_costs_one_status_query() {
+    // Tasks of 0.1..0.6 s; the safety poll would come no earlier than 30 s.
+    let sim = Sim::start(fast_sim()).await;
+    let dirs = Dirs::new();
+    let listen = free_addr();
+    let callback_base = format!("http://{listen}");
+    let mut daemon = spawn_with_env(
+        &dirs,
+        &sim.url(),
+        listen,
+        &[
+            "--callback-url",
+            &callback_base,
+            "--poll-min",
+            "100ms",
+            "--poll-max",
+            "60s",
+        ],
+        0,
+        &[],
+    );
+    write_manifest(
+        &dirs.inbox,
+        "cb.csv",
+        &rows("c", 30, |i| format!("sim_audio_seconds={}", 5 + i % 10)),
+    );
+    let done = wait_results(&dirs, "cb", Duration::from_secs(25)).await;
+    terminate(&mut daemon, Duration::from_secs(25));
+    assert!(done, "batch not finished:\n{}", log_text(&dirs, 0));
+    let stats = sim.handle.stats();
+    assert_eq!(stats.tasks_created, 30);
+    assert_eq!(stats.callbacks_acknowledged, 30);
+    assert_eq!(
+        stats.status_requests, 30,
+        "one confirming status query per callback and no other poll"
+    );
+}

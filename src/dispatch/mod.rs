@@ -39,6 +39,8 @@ use self::schedule::{Limits, PollModel};
 pub const INSUFFICIENT_CREDITS: &str = "INSUFFICIENT_CREDITS";
 /// Most rows claimed (and flushed) together.
 const CLAIM_GROUP: usize = 32;
+/// Longest wait before asking again about a task whose status query failed.
+const POLL_ERROR_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Status requests on the wire at once.
 const POLLS_IN_FLIGHT: usize = 64;
 /// Until the poll model has learned from finished tasks, only this many
@@ -815,7 +817,9 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                             t.errors = if errors { t.errors + 1 } else { 0 };
                             let delay = match wait {
                                 Some(w) => w,
-                                None if t.errors > 0 => backoff(t.errors, settings.poll_min, settings.poll_max.max(Duration::from_secs(60))),
+                                // Capped well under `poll_max` (minutes): once the API answers
+                                // again, every task should be seen soon.
+                                None if t.errors > 0 => backoff(t.errors, settings.poll_min, POLL_ERROR_BACKOFF_CAP.max(settings.poll_min)),
                                 None => {
                                     let at = plan(&model, &scouts, key, t);
                                     schedule(&mut due, &mut next_at, key, at);
