@@ -363,6 +363,32 @@ async fn metrics_and_status_after_a_batch() {
 
 // ---------------------------------------------------------------- callbacks
 
+/// A daemon in callback mode (`--poll-max 60s`) and its listener's address.
+fn spawn_in_callback_mode(
+    dirs: &Dirs,
+    sim: &Sim,
+    poll_min: &str,
+) -> (std::process::Child, std::net::SocketAddr) {
+    let listen = free_addr();
+    let callback_base = format!("http://{listen}");
+    let daemon = spawn_with_env(
+        dirs,
+        &sim.url(),
+        listen,
+        &[
+            "--callback-url",
+            &callback_base,
+            "--poll-min",
+            poll_min,
+            "--poll-max",
+            "60s",
+        ],
+        0,
+        &[],
+    );
+    (daemon, listen)
+}
+
 /// Guarantee 7: a callback is only a hint. A wrong secret, an unknown task,
 /// an oversized or malformed body are refused and logged; a forged "success"
 /// with the right secret is checked against the status endpoint and changes
@@ -372,24 +398,9 @@ async fn callbacks_are_only_hints() {
     // Default time factor: 5 s of audio takes 1 to 3 s; 600 s takes minutes.
     let sim = Sim::start(SimArgs::default()).await;
     let dirs = Dirs::new();
-    let listen = free_addr();
-    let callback_base = format!("http://{listen}");
     let started = Instant::now();
-    let mut daemon = spawn_with_env(
-        &dirs,
-        &sim.url(),
-        listen,
-        &[
-            "--callback-url",
-            &callback_base,
-            "--poll-min",
-            "2s",
-            "--poll-max",
-            "60s",
-        ],
-        0,
-        &[],
-    );
+    let (mut daemon, listen) = spawn_in_callback_mode(&dirs, &sim, "2s");
+    let callback_base = format!("http://{listen}");
     write_manifest(
         &dirs.inbox,
         "slow.csv",
@@ -676,23 +687,7 @@ async fn in_callback_mode_each_task_costs_one_status_query() {
     // Tasks of 0.1..0.6 s; the safety poll would come no earlier than 30 s.
     let sim = Sim::start(fast_sim()).await;
     let dirs = Dirs::new();
-    let listen = free_addr();
-    let callback_base = format!("http://{listen}");
-    let mut daemon = spawn_with_env(
-        &dirs,
-        &sim.url(),
-        listen,
-        &[
-            "--callback-url",
-            &callback_base,
-            "--poll-min",
-            "100ms",
-            "--poll-max",
-            "60s",
-        ],
-        0,
-        &[],
-    );
+    let (mut daemon, _) = spawn_in_callback_mode(&dirs, &sim, "100ms");
     write_manifest(
         &dirs.inbox,
         "cb.csv",

@@ -761,6 +761,25 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
             }
         }
     };
+    // Starts the model once the scouts are in, re-chooses its ladders (at
+    // most every so often) and puts every waiting task on the new ones.
+    let retune = |model: &mut PollModel,
+                  scouts: &mut HashSet<RowKey>,
+                  tasks: &HashMap<RowKey, Tracked>,
+                  due: &mut BTreeSet<(Instant, RowKey)>,
+                  next_at: &mut HashMap<RowKey, Instant>| {
+        let was_trained = model.is_trained();
+        if !was_trained && cohort_ended(model, scouts, tasks) {
+            model.start();
+        }
+        if model.refit(limits(&engine), Instant::now()) {
+            log_ladders(model);
+            if !was_trained {
+                scouts.clear();
+            }
+            replan_all(model, scouts, tasks, due, next_at);
+        }
+    };
 
     loop {
         engine.poll_loop_tick();
@@ -772,18 +791,8 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
         tokio::select! {
             () = engine.shutdown.cancelled() => break,
             _ = alive.tick() => {
-                let was_trained = model.is_trained();
-                if !was_trained && cohort_ended(&model, &scouts, &tasks) {
-                    model.start();
-                }
                 // Also follows a queue that filled or emptied since the last task ended.
-                if model.refit(limits(&engine), Instant::now()) {
-                    log_ladders(&model);
-                    if !was_trained {
-                        scouts.clear();
-                    }
-                    replan_all(&model, &scouts, &tasks, &mut due, &mut next_at);
-                }
+                retune(&mut model, &mut scouts, &tasks, &mut due, &mut next_at);
             }
             cmd = cmds.recv() => match cmd {
                 None => break,
@@ -837,18 +846,8 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                             engine.metrics.polls_per_task.observe(f64::from(t.polls));
                             audio = t.audio;
                         }
-                        let was_trained = model.is_trained();
                         model.observe(took, audio);
-                        if !was_trained && cohort_ended(&model, &scouts, &tasks) {
-                            model.start();
-                        }
-                        if model.refit(limits(&engine), Instant::now()) {
-                            log_ladders(&model);
-                            if !was_trained {
-                                scouts.clear();
-                            }
-                            replan_all(&model, &scouts, &tasks, &mut due, &mut next_at);
-                        }
+                        retune(&mut model, &mut scouts, &tasks, &mut due, &mut next_at);
                         engine.work.notify_one();
                     }
                     PollResult::Dropped => {
