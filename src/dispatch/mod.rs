@@ -687,6 +687,8 @@ struct Tracked {
     task_id: String,
     submitted: Instant,
     audio: Option<f64>,
+    /// A callback asked for a poll now: no new ladder may postpone it.
+    hinted: bool,
     polls: u32,
     errors: u32,
     last_poll: Option<Instant>,
@@ -748,7 +750,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
     };
     // A new ladder (the first one, or one for a queue that filled or
     // emptied): every waiting task follows it, except those backing off
-    // after errors.
+    // after errors and those a callback asked about.
     let replan_all = |model: &PollModel,
                       scouts: &HashSet<RowKey>,
                       tasks: &HashMap<RowKey, Tracked>,
@@ -756,7 +758,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                       next_at: &mut HashMap<RowKey, Instant>| {
         let keys: Vec<RowKey> = next_at.keys().copied().collect();
         for k in keys {
-            if let Some(t) = tasks.get(&k).filter(|t| t.errors == 0) {
+            if let Some(t) = tasks.get(&k).filter(|t| t.errors == 0 && !t.hinted) {
                 schedule(due, next_at, k, plan(model, scouts, k, t));
             }
         }
@@ -799,7 +801,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                 Some(PollCmd::Track { key, task_id, submitted_at_ms, audio_seconds, slot }) => {
                     let age = Duration::from_millis(now_ms().saturating_sub(submitted_at_ms));
                     let submitted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
-                    let t = Tracked { task_id: task_id.clone(), submitted, audio: audio_seconds, polls: 0, errors: 0, last_poll: None, _slot: slot };
+                    let t = Tracked { task_id: task_id.clone(), submitted, audio: audio_seconds, hinted: false, polls: 0, errors: 0, last_poll: None, _slot: slot };
                     if !callback_mode && !model.is_trained() && !cohort_full && scouts.len() < SCOUTS {
                         scouts.insert(key);
                         cohort_full = scouts.len() == SCOUTS;
@@ -810,9 +812,12 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                     schedule(&mut due, &mut next_at, key, at);
                 }
                 Some(PollCmd::Hint { task_id }) => {
-                    if let Some(key) = engine.tracked_task(&task_id) {
-                        let recent = tasks.get(&key).and_then(|t| t.last_poll).is_some_and(|p| p.elapsed() < Duration::from_millis(200));
+                    if let Some(key) = engine.tracked_task(&task_id)
+                        && let Some(t) = tasks.get_mut(&key)
+                    {
+                        let recent = t.last_poll.is_some_and(|p| p.elapsed() < Duration::from_millis(200));
                         if next_at.contains_key(&key) && !recent {
+                            t.hinted = true;
                             schedule(&mut due, &mut next_at, key, Instant::now());
                         }
                     }
@@ -868,6 +873,7 @@ pub async fn poll_loop(engine: Arc<Engine>, mut cmds: mpsc::UnboundedReceiver<Po
                     next_at.remove(&key);
                     let Some(t) = tasks.get_mut(&key) else { continue };
                     t.polls += 1;
+                    t.hinted = false;
                     tracing::trace!(task_id = %t.task_id, poll = t.polls, age_ms = t.submitted.elapsed().as_millis() as u64, "status poll");
                     t.last_poll = Some(now);
                     let task_id = t.task_id.clone();
