@@ -43,8 +43,8 @@ const CLAIM_GROUP: usize = 32;
 const POLL_ERROR_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Status requests on the wire at once.
 const POLLS_IN_FLIGHT: usize = 64;
-/// Until the poll model has learned from finished tasks, only this many
-/// tasks are polled often ("scouts"); the others wait for the model.
+/// The first tasks followed ("scouts") are polled at growing intervals; the
+/// others wait until all of them have ended and the model has started.
 const SCOUTS: usize = 8;
 
 /// What the engine shares between its loops.
