@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 
 use infinitetalk_batch::dispatch::schedule::{self, Ladder, Limits, PollModel};
 use infinitetalk_batch::simulator::{self, SimArgs};
-use infinitetalk_batch::store::{RowKey, RowState, Store};
+use infinitetalk_batch::store::{RowState, Store};
 use tokio_util::sync::CancellationToken;
 
 type BoxError = Box<dyn std::error::Error>;
@@ -252,14 +252,7 @@ async fn run(
     let mut durations = Vec::new();
     let mut total_task_ms = 0u64;
     let mut done = 0;
-    for row in 1..=batch.total_rows {
-        let Some(r) = store.row(RowKey {
-            batch: batch.seq,
-            row,
-        })?
-        else {
-            continue;
-        };
+    for (row, r) in store.batch_rows(batch.seq)? {
         if r.state == RowState::Done {
             done += 1;
         }

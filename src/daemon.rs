@@ -9,10 +9,13 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiClient;
 use crate::config::{ApiKey, Settings};
-use crate::dispatch::{self, Engine};
+use crate::dispatch::poll::Poller;
+use crate::dispatch::submit::Submitter;
+use crate::dispatch::{self, Engine, Inboxes};
 use crate::ingest::{self, Folders};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
+use crate::supervisor::{Beat, GaveUp, Health, Supervisor};
 use crate::{download, inbox, listener, results, simulator};
 
 /// Why the daemon could not run.
@@ -42,6 +45,9 @@ pub enum DaemonError {
     Inbox(#[from] inbox::InboxError),
     #[error("a background task failed: {0}")]
     Join(String),
+    /// A worker failed too often to go on; systemd should restart us.
+    #[error(transparent)]
+    GaveUp(GaveUp),
 }
 
 fn random_secret() -> String {
@@ -50,8 +56,24 @@ fn random_secret() -> String {
     ingest::hex(&bytes)
 }
 
-/// Runs the daemon until `shutdown` is cancelled, then stops gracefully.
+/// Binds `--listen` and runs the daemon until `shutdown` is cancelled, then
+/// stops gracefully.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    let listener =
+        std::net::TcpListener::bind(settings.listen).map_err(|source| DaemonError::Listen {
+            addr: settings.listen,
+            source,
+        })?;
+    serve(settings, listener, shutdown).await
+}
+
+/// Runs the daemon on an already bound listener (tests bind `127.0.0.1:0`)
+/// until `shutdown` is cancelled or a worker cannot come back.
+pub async fn serve(
+    settings: Settings,
+    listener: std::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), DaemonError> {
     let started = Instant::now();
     if settings.simulate {
         tracing::warn!(
@@ -65,6 +87,12 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             source,
         })?;
     }
+    let listen_addr = listener.local_addr().unwrap_or(settings.listen);
+    let listen_err = |source| DaemonError::Listen {
+        addr: listen_addr,
+        source,
+    };
+    listener.set_nonblocking(true).map_err(listen_err)?;
     let state_dir = settings.state.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
         .await
@@ -80,7 +108,9 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             .map_err(|e| DaemonError::Join(e.to_string()))??;
     }
 
-    // The engine's own token: cancelled after the listener and inbox stop.
+    // Workers stop on `front_stop` (no restart after it), the engine's
+    // tasks on `engine_stop`, cancelled right after.
+    let front_stop = CancellationToken::new();
     let engine_stop = CancellationToken::new();
     let sim_stop = CancellationToken::new();
     let (api_base, key, sim) = if settings.simulate {
@@ -123,43 +153,53 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         http,
         settings.clone(),
         folders.clone(),
-        metrics,
+        metrics.clone(),
         callback_url,
         engine_stop.clone(),
     )?;
+    let requeued = {
+        let engine = engine.clone();
+        tokio::task::spawn_blocking(move || dispatch::requeue_interrupted_submits(&engine))
+            .await
+            .map_err(|e| DaemonError::Join(e.to_string()))??
+    };
 
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
-        .map_err(|source| DaemonError::Listen {
-            addr: settings.listen,
-            source,
-        })?;
-    let listen_addr = listener.local_addr().unwrap_or(settings.listen);
-
-    let requeued = dispatch::resume(&engine)?;
-    let loops = tokio_util::task::TaskTracker::new();
-    loops.spawn(dispatch::submit_loop(engine.clone()));
-    loops.spawn(dispatch::poll_loop(engine.clone(), inboxes.poller));
-    loops.spawn(download::download_loop(engine.clone(), inboxes.downloads));
-    loops.spawn(results::finish_loop(engine.clone(), inboxes.finished));
-    loops.spawn(save_ledger_loop(engine.clone()));
-    loops.spawn(heartbeat_loop(engine.clone()));
-    loops.spawn(reload_loop(engine.clone()));
-
-    let front_stop = CancellationToken::new();
+    let sup = Supervisor::new(front_stop.clone(), metrics);
+    spawn_workers(&sup, &engine, &inboxes);
+    {
+        let engine = engine.clone();
+        let health = sup.health();
+        sup.spawn_unwatched("heartbeat", move |_| {
+            heartbeat_loop(engine.clone(), health.clone())
+        });
+    }
     {
         let router = listener::router(engine.clone(), registry, secret);
         let stop = front_stop.clone();
-        loops.spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "listener failed");
+        let listener = Arc::new(listener);
+        sup.spawn_unwatched("listener", move |_| {
+            let (router, stop, listener) = (router.clone(), stop.clone(), listener.clone());
+            async move {
+                let socket = listener
+                    .try_clone()
+                    .and_then(tokio::net::TcpListener::from_std);
+                let socket = match socket {
+                    Ok(socket) => socket,
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot take up the listening socket");
+                        return;
+                    }
+                };
+                let served = axum::serve(socket, router)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "listener failed");
+                }
             }
         });
     }
-    let inbox_task = {
+    {
         let engine = engine.clone();
         let config = inbox::InboxConfig {
             folders: folders.clone(),
@@ -168,42 +208,28 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
             simulated: settings.simulate,
         };
         let stop = front_stop.clone();
-        let store = store.clone();
-        tokio::spawn(async move {
-            // A failed watcher (the store refused a write) is restarted with
-            // backoff: files wait in the inbox meanwhile, nothing is lost.
-            let mut failures = 0u32;
-            loop {
-                let engine = engine.clone();
+        // A failed watcher (the store refused a write) is restarted by the
+        // supervisor: files wait in the inbox meanwhile, nothing is lost.
+        sup.spawn_unwatched("inbox", move |_| {
+            let (engine, config, stop) = (engine.clone(), config.clone(), stop.clone());
+            async move {
+                let store = engine.store.clone();
                 let watched = inbox::watch(
-                    store.clone(),
-                    config.clone(),
+                    store,
+                    config,
                     move |batch| {
                         tracing::info!(batch = %batch.name, rows = batch.total_rows, "batch queued");
                         engine.work.notify_one();
                     },
-                    stop.clone(),
+                    stop,
                 )
                 .await;
-                match watched {
-                    Ok(()) => break,
-                    Err(e) => {
-                        failures += 1;
-                        let wait = dispatch::backoff(
-                            failures,
-                            Duration::from_secs(1),
-                            Duration::from_secs(60),
-                        );
-                        tracing::error!(error = %e, retry_in = ?wait, "inbox watcher failed; restarting it");
-                        tokio::select! {
-                            () = tokio::time::sleep(wait) => {}
-                            () = stop.cancelled() => break,
-                        }
-                    }
+                if let Err(e) = watched {
+                    tracing::error!(error = %e, "inbox watcher failed");
                 }
             }
-        })
-    };
+        });
+    }
 
     tracing::info!(
         listen = %listen_addr, inbox = %settings.inbox.display(), outbox = %settings.outbox.display(),
@@ -215,29 +241,36 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
     );
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
 
-    shutdown.cancelled().await;
+    let fatal = sup.fatal();
+    tokio::select! {
+        () = shutdown.cancelled() => {}
+        () = fatal.cancelled() => {}
+    }
     let stop_started = Instant::now();
     tracing::info!(timeout = ?settings.stop_timeout, "stopping: no new work; in-flight submits finish");
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
     front_stop.cancel();
     engine_stop.cancel();
-    loops.close();
     engine.tracker.close();
     // Keep a margin for the final flush within the stop timeout.
     let deadline = settings
         .stop_timeout
         .saturating_sub(Duration::from_millis(500));
     let drained = tokio::time::timeout(deadline, async {
-        loops.wait().await;
+        sup.wait().await;
         engine.tracker.wait().await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!("stop timeout reached with work in flight; it resumes at the next start");
     }
-    inbox_task.abort();
-    let _ = store.save_ledger(&engine.budget.ledger());
-    store.flush().await?;
+    let ledger = engine.budget.ledger();
+    store
+        .call(move |s| {
+            s.save_ledger(&ledger)?;
+            s.flush_blocking()
+        })
+        .await?;
     sim_stop.cancel();
     if let Some(sim) = sim {
         let _ = tokio::time::timeout(Duration::from_secs(2), sim.stopped()).await;
@@ -246,7 +279,74 @@ pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), 
         took_ms = stop_started.elapsed().as_millis() as u64,
         "stopped"
     );
-    Ok(())
+    match sup.gave_up() {
+        Some(gave_up) => Err(DaemonError::GaveUp(gave_up)),
+        None => Ok(()),
+    }
+}
+
+/// The engine's workers, each taking its work up from the store when it
+/// (re)starts.
+fn spawn_workers(sup: &Supervisor, engine: &Arc<Engine>, inboxes: &Arc<Inboxes>) {
+    let e = engine.clone();
+    sup.spawn("submit", move |beat| Submitter::new(e.clone(), beat).run());
+    let (e, i) = (engine.clone(), inboxes.clone());
+    sup.spawn("poll", move |beat| {
+        let (e, i) = (e.clone(), i.clone());
+        async move {
+            let mut rx = i.poller.lock().await;
+            Poller::new(e, beat).run(&mut rx).await;
+        }
+    });
+    let (e, i) = (engine.clone(), inboxes.clone());
+    sup.spawn("download", move |beat| {
+        let (e, i) = (e.clone(), i.clone());
+        async move {
+            let mut rx = i.downloads.lock().await;
+            download::download_worker(e, &mut rx, beat).await;
+        }
+    });
+    let (e, i) = (engine.clone(), inboxes.clone());
+    sup.spawn("results", move |beat| {
+        let (e, i) = (e.clone(), i.clone());
+        async move {
+            let mut rx = i.finished.lock().await;
+            results::finish_worker(e, &mut rx, beat).await;
+        }
+    });
+    let e = engine.clone();
+    sup.spawn("archive", move |beat| archive_worker(e.clone(), beat));
+    let e = engine.clone();
+    sup.spawn("ledger", move |beat| save_ledger_loop(e.clone(), beat));
+    let e = engine.clone();
+    sup.spawn_unwatched("reload", move |_| reload_loop(e.clone()));
+}
+
+/// Moves ended rows from the database to the archive, a group at a time
+/// (rows ending close together share one sync).
+async fn archive_worker(engine: Arc<Engine>, beat: Beat) {
+    const GATHER: Duration = Duration::from_millis(250);
+    const PER_PASS: usize = 4096;
+    loop {
+        let woken = tokio::time::timeout(Duration::from_secs(5), engine.ended.notified());
+        if beat.wait(&engine.shutdown, woken).await.is_none() {
+            break;
+        }
+        if beat
+            .wait(&engine.shutdown, tokio::time::sleep(GATHER))
+            .await
+            .is_none()
+        {
+            break;
+        }
+        match engine.store.call(|s| s.retire(PER_PASS)).await {
+            Ok(n) if n == PER_PASS => engine.ended.notify_one(),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot move ended rows to the archive; will retry");
+            }
+        }
+    }
 }
 
 /// SIGHUP re-reads the config file's `max-spend-usd`: raising the cap
@@ -279,31 +379,30 @@ async fn reload_loop(engine: Arc<Engine>) {
 
 /// Saves what the request budget spent, every second, so a restart does not
 /// start with a full window.
-async fn save_ledger_loop(engine: Arc<Engine>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+async fn save_ledger_loop(engine: Arc<Engine>, beat: Beat) {
     loop {
-        tokio::select! {
-            () = engine.shutdown.cancelled() => break,
-            _ = tick.tick() => {
-                if let Err(e) = engine.store.save_ledger(&engine.budget.ledger()) {
-                    tracing::error!(error = %e, "cannot save the request ledger");
-                }
-            }
+        let tick = tokio::time::sleep(Duration::from_secs(1));
+        if beat.wait(&engine.shutdown, tick).await.is_none() {
+            break;
+        }
+        let ledger = engine.budget.ledger();
+        if let Err(e) = engine.store.call(move |s| s.save_ledger(&ledger)).await {
+            tracing::error!(error = %e, "cannot save the request ledger");
         }
     }
 }
 
-/// STATUS= and WATCHDOG=1 for systemd. WATCHDOG=1 is sent only while the
-/// poll loop is seen going round (it stamps its liveness at least every
-/// second), so a wedged engine gets restarted rather than kept alive by this
-/// timer.
-async fn heartbeat_loop(engine: Arc<Engine>) {
+/// STATUS= and WATCHDOG=1 for systemd. WATCHDOG=1 is sent only while every
+/// watched worker is seen going round (each stamps its liveness at least
+/// every second), so a wedged engine gets restarted rather than kept alive
+/// by this timer.
+async fn heartbeat_loop(engine: Arc<Engine>, health: Arc<Health>) {
     let watchdog = sd_notify::watchdog_enabled();
     let every = match watchdog {
         Some(interval) => (interval / 2).max(Duration::from_millis(100)),
         None => Duration::from_secs(5),
     };
-    // The poll loop wakes every second; allow for a busy machine.
+    // Workers stamp every second; allow for a busy machine.
     let fresh = every.max(Duration::from_secs(3));
     let mut stalled = false;
     let mut tick = tokio::time::interval(every);
@@ -311,19 +410,25 @@ async fn heartbeat_loop(engine: Arc<Engine>) {
         tokio::select! {
             () = engine.shutdown.cancelled() => break,
             _ = tick.tick() => {
-                let line = summary_line(&engine);
+                let e = engine.clone();
+                let line = tokio::task::spawn_blocking(move || summary_line(&e))
+                    .await
+                    .unwrap_or_default();
                 let mut states = vec![sd_notify::NotifyState::Status(&line)];
                 if watchdog.is_some() {
-                    let age = engine.poll_loop_age();
-                    if age <= fresh {
-                        states.push(sd_notify::NotifyState::Watchdog);
-                        stalled = false;
-                    } else if !stalled {
-                        stalled = true;
-                        tracing::error!(
-                            stalled_ms = age.as_millis() as u64,
-                            "the poll loop has not gone round; withholding WATCHDOG=1 so systemd restarts us"
-                        );
+                    match health.stalled(fresh) {
+                        None => {
+                            states.push(sd_notify::NotifyState::Watchdog);
+                            stalled = false;
+                        }
+                        Some((worker, age)) if !stalled => {
+                            stalled = true;
+                            tracing::error!(
+                                worker, stalled_ms = age.as_millis() as u64,
+                                "a worker has not gone round; withholding WATCHDOG=1 so systemd restarts us"
+                            );
+                        }
+                        Some(_) => {}
                     }
                 }
                 let _ = sd_notify::notify(&states);

@@ -19,7 +19,8 @@ use tokio::sync::{Semaphore, mpsc};
 use crate::dispatch::budget::Class;
 use crate::dispatch::{Engine, backoff};
 use crate::fsutil;
-use crate::store::{RowKey, RowRecord, RowState, now_ms};
+use crate::store::{Op, RowKey, RowRecord, RowState, now_ms};
+use crate::supervisor::Beat;
 
 /// Why one download attempt did not finish.
 #[derive(Debug, thiserror::Error)]
@@ -52,26 +53,55 @@ pub fn output_name(id: &str, index: usize) -> String {
     }
 }
 
-/// Runs downloads as rows reach `downloading`, at most `max_downloads` at once.
-pub async fn download_loop(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<RowKey>) {
+/// Runs downloads as rows reach `downloading`, at most `max_downloads` at
+/// once. When it starts (or restarts) it takes up every row the store has
+/// in `downloading`; a row whose download already runs is not started twice.
+pub async fn download_worker(
+    engine: Arc<Engine>,
+    rx: &mut mpsc::UnboundedReceiver<RowKey>,
+    beat: Beat,
+) {
     let slots = Arc::new(Semaphore::new(engine.settings.max_downloads as usize));
-    loop {
-        let key = tokio::select! {
-            () = engine.shutdown.cancelled() => break,
-            key = rx.recv() => match key { Some(k) => k, None => break },
-        };
-        let engine2 = engine.clone();
-        let slots = slots.clone();
-        engine.tracker.spawn(async move {
-            let Ok(_slot) = slots.acquire_owned().await else {
-                return;
-            };
-            tokio::select! {
-                () = download_row(&engine2, key) => {}
-                () = engine2.shutdown.cancelled() => {}
+    let waiting = engine
+        .store
+        .call(|s| s.rows_in_state(RowState::Downloading, usize::MAX))
+        .await;
+    match waiting {
+        Ok(rows) => {
+            for (key, _) in rows {
+                start(&engine, &slots, key);
             }
-        });
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the rows to download; restarting the downloader");
+            return;
+        }
     }
+    loop {
+        let Some(key) = beat.wait(&engine.shutdown, rx.recv()).await else {
+            break;
+        };
+        let Some(key) = key else { break };
+        start(&engine, &slots, key);
+    }
+}
+
+fn start(engine: &Arc<Engine>, slots: &Arc<Semaphore>, key: RowKey) {
+    let Some(guard) = engine.claim_download(key) else {
+        return;
+    };
+    let engine2 = engine.clone();
+    let slots = slots.clone();
+    engine.tracker.spawn(async move {
+        let _guard = guard;
+        let Ok(_slot) = slots.acquire_owned().await else {
+            return;
+        };
+        tokio::select! {
+            () = download_row(&engine2, key) => {}
+            () = engine2.shutdown.cancelled() => {}
+        }
+    });
 }
 
 async fn download_row(engine: &Arc<Engine>, key: RowKey) {
@@ -79,7 +109,7 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
     let mut attempt = 0u32;
     let mut just_refreshed = false;
     loop {
-        let record = match engine.store.row(key) {
+        let record = match engine.store.call(move |s| s.live_row(key)).await {
             Ok(Some(r)) if r.state == RowState::Downloading => r,
             Ok(_) => return,
             Err(e) => {
@@ -89,15 +119,10 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
         };
         match fetch_all(engine, &batch, &record).await {
             Ok(outputs) => {
-                let saved = engine.store.transition(key, |r| {
-                    r.state = RowState::Done;
-                    r.outputs = outputs.clone();
-                    Ok(())
-                });
-                match saved {
+                let files = outputs.len();
+                match engine.apply(key, Op::Downloaded { outputs }).await {
                     Ok(_) => {
-                        tracing::info!(batch = %batch, row = %record.id, files = outputs.len(), "done");
-                        let _ = engine.finished.send(key.batch);
+                        tracing::info!(batch = %batch, row = %record.id, files, "done");
                     }
                     Err(e) => {
                         tracing::error!(batch = %batch, row = %record.id, error = %e, "cannot record a finished download")
@@ -122,7 +147,10 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
                         "videos could not be downloaded within {} of the task finishing: {e}",
                         humantime::format_duration(engine.settings.download_give_up)
                     );
-                    if let Err(se) = engine.fail_row(key, "DOWNLOAD_FAILED", &msg) {
+                    if let Err(se) = engine
+                        .fail_row(key, RowState::Downloading, "DOWNLOAD_FAILED", &msg)
+                        .await
+                    {
                         tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record a failed download");
                     }
                     return;
@@ -168,12 +196,10 @@ async fn refresh_urls(engine: &Arc<Engine>, key: RowKey, record: &RowRecord) {
     match engine.api.status(task_id).await {
         Ok(status) if !status.result_urls.is_empty() => {
             engine.metrics.request("status", "ok");
-            let urls = status.result_urls;
-            let saved = engine.store.transition(key, |r| {
-                r.result_urls = urls.clone();
-                Ok(())
-            });
-            if let Err(e) = saved {
+            let op = Op::FreshUrls {
+                result_urls: status.result_urls,
+            };
+            if let Err(e) = engine.apply(key, op).await {
                 tracing::error!(row = %record.id, error = %e, "cannot save fresh result URLs");
             }
         }

@@ -32,25 +32,49 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 /// Writes `path` atomically through `fill`, which gets a buffered writer.
+/// The temporary file is created exclusively under an unpredictable hidden
+/// name (`.NAME.XXXXXX.tmp`), so nothing planted at a known name is followed.
 pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
 ) -> io::Result<()> {
-    let tmp = temp_path(path, "tmp");
-    let file = File::create(&tmp)?;
-    let result = (|| {
-        let mut w = io::BufWriter::new(&file);
-        fill(&mut w)?;
-        w.flush()?;
-        drop(w);
-        file.sync_all()?;
-        fs::rename(&tmp, path)?;
-        sync_dir(parent(path))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+    let dir = parent(path);
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".{name}."))
+        .suffix(".tmp")
+        .tempfile_in(dir)?;
+    let mut w = io::BufWriter::new(tmp.as_file());
+    fill(&mut w)?;
+    w.flush()?;
+    drop(w);
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+/// Removes temporary files a killed [`write_atomic_with`] of `path` left.
+pub fn remove_temps(path: &Path) -> io::Result<()> {
+    let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
+        return Ok(());
+    };
+    let prefix = format!(".{name}.");
+    let entries = match fs::read_dir(parent(path)) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&prefix) && file.ends_with(".tmp") && entry.file_type()?.is_file() {
+            fs::remove_file(entry.path())?;
+        }
     }
-    result
+    Ok(())
 }
 
 /// Copies `from` to `to` durably under a temporary name first.
@@ -92,5 +116,21 @@ mod tests {
             .map(|e| e.expect("entry").file_name())
             .collect();
         assert_eq!(names.len(), 1, "{names:?}");
+    }
+
+    #[test]
+    fn leftover_temps_are_removed_and_nothing_else() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("manifest.csv");
+        fs::write(dir.path().join(".manifest.csv.Ab12Cd.tmp"), b"half").expect("temp");
+        fs::write(dir.path().join("manifest.csv"), b"whole").expect("file");
+        fs::write(dir.path().join(".other.csv.x.tmp"), b"other").expect("other");
+        remove_temps(&path).expect("remove");
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .expect("list")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, [".other.csv.x.tmp", "manifest.csv"]);
     }
 }

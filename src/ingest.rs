@@ -123,6 +123,7 @@ pub fn ingest_file(
 
     let dir = folders.batch_dir(&batch.name);
     let dest = folders.manifest_of(&batch.name);
+    crate::failpoint::hit("ingest-before-copy");
     let copied = fs::create_dir_all(&dir)
         .and_then(|()| copy_hashed(file, &dest))
         .map_err(io_at(file));
@@ -156,6 +157,9 @@ fn own_leftover(
 }
 
 fn undo(store: &Store, batch: &BatchRecord, dest: &Path) -> Result<(), IngestError> {
+    // A copy cut short leaves its temporary file: remove it too, so that the
+    // folder goes and the file, taken again, keeps its name.
+    let _ = fsutil::remove_temps(dest);
     let _ = fs::remove_file(dest);
     if let Some(dir) = dest.parent() {
         let _ = fs::remove_dir(dir);
@@ -265,6 +269,7 @@ fn copy_hashed(from: &Path, to: &Path) -> io::Result<String> {
             }
             hasher.update(&buf[..n]);
             io::Write::write_all(w, &buf[..n])?;
+            crate::failpoint::hit("ingest-mid-copy");
         }
     })?;
     Ok(hex(&hasher.finalize()))

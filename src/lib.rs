@@ -6,8 +6,9 @@
 //! - [`cli`] and [`config`]: the command line and the merged settings of `run`.
 //! - [`spec`]: what a row asks for and what it costs.
 //! - [`manifest`]: CSV manifests read and validated, streaming.
-//! - [`store`]: the durable state (batches, rows past `queued`, the request
-//!   ledger). Only `store/sled.rs` imports sled.
+//! - [`store`]: the durable state (batches, live rows, the archive of ended
+//!   rows, the request ledger) and the row state machine. Only
+//!   `store/sled.rs` imports sled.
 //! - [`ingest`]: one manifest file into one batch (or into `rejected/`).
 //! - [`inbox`]: watching the inbox folder, feeding [`ingest`].
 //! - [`api`]: the APIXO client, wire types and the classification of answers.
@@ -21,7 +22,9 @@
 //! - [`probe`]: the length of a row's audio, read over HTTP before paying.
 //! - [`daemon`]: `run`, wiring it all together.
 //! - [`simulator`]: the built-in simulator of the API.
+//! - [`supervisor`]: starts, watches and restarts the long-lived workers.
 //! - [`fsutil`]: atomic, durable file writes.
+//! - [`failpoint`]: named points where tests make the process die.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -30,6 +33,7 @@ pub mod config;
 pub mod daemon;
 pub mod dispatch;
 pub mod download;
+pub mod failpoint;
 pub mod fsutil;
 pub mod inbox;
 pub mod ingest;
@@ -43,3 +47,4 @@ pub mod simulator;
 pub mod spec;
 pub mod status;
 pub mod store;
+pub mod supervisor;

@@ -90,7 +90,11 @@ async fn metrics_handler(State(app): State<App>) -> Response {
         tracing::error!(error = %e, "cannot encode metrics");
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     }
-    text.push_str(&store_metrics(&app.engine));
+    let engine = app.engine.clone();
+    match tokio::task::spawn_blocking(move || store_metrics(&engine)).await {
+        Ok(more) => text.push_str(&more),
+        Err(_) => return StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
     text.push_str("# EOF\n");
     (
         [(
@@ -150,6 +154,11 @@ fn store_metrics(engine: &Engine) -> String {
     out.push_str(&format!(
         "infinitetalk_requests_in_window {}\n",
         engine.budget.sent_in_window()
+    ));
+    out.push_str("# HELP infinitetalk_live_rows Rows held in the state database (claimed, not yet archived).\n# TYPE infinitetalk_live_rows gauge\n");
+    out.push_str(&format!(
+        "infinitetalk_live_rows {}\n",
+        engine.store.live_rows()
     ));
     out
 }

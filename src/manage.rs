@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::dispatch::Engine;
 use crate::ingest::Folders;
 use crate::manifest::{ManifestError, RowReader};
-use crate::store::{BatchPhase, Store, StoreError};
+use crate::store::{BatchPhase, Op, RowState, Store, StoreError};
 
 /// Rows read from a manifest per store transaction when cancelling.
 const CANCEL_CHUNK: usize = 1000;
@@ -97,45 +97,75 @@ pub fn cancel(store: &Store, folders: &Folders, name: &str) -> Result<CancelOutc
     let batch = store
         .batch_named(name)?
         .ok_or_else(|| ManageError::NoBatch(name.to_owned()))?;
-    let mut cancelled = store.cancel_batch(batch.seq, CANCEL_MSG)?;
-    let batch = store.batch(batch.seq)?;
-    if batch.unclaimed() > 0 {
-        let manifest_err = |source| ManageError::Manifest {
-            batch: name.to_owned(),
-            source,
+    // From here on no fresh row of it is claimed.
+    store.set_cancelled(batch.seq)?;
+    store.flush_blocking()?;
+    let mut cancelled = 0;
+    for (key, _) in store.rows_in_state(RowState::Queued, usize::MAX)? {
+        if key.batch != batch.seq {
+            continue;
+        }
+        let op = Op::Cancel {
+            msg: CANCEL_MSG.to_owned(),
         };
-        let path = folders.manifest_of(&batch.name);
-        let mut reader = RowReader::open(&path, batch.cursor).map_err(manifest_err)?;
-        loop {
-            let mut chunk = Vec::with_capacity(CANCEL_CHUNK);
-            let mut next = None;
-            while chunk.len() < CANCEL_CHUNK {
-                match reader.next_row().map_err(manifest_err)? {
-                    Some((row, pos)) => {
-                        chunk.push(row);
-                        next = Some(pos);
-                    }
-                    None => break,
-                }
-            }
-            let Some(next) = next else { break };
-            cancelled += store.cancel_unclaimed(batch.seq, &chunk, next, CANCEL_MSG)?;
+        match store.apply(key, op) {
+            Ok(_) => cancelled += 1,
+            // Claimed meanwhile: it runs to its end.
+            Err(StoreError::WrongState { .. }) => {}
+            Err(e) => return Err(e.into()),
         }
     }
+    cancelled += cancel_unclaimed(store, folders, name)?;
     store.flush_blocking()?;
     let batch = store.batch(batch.seq)?;
+    let still_running = batch.counts.submitting + batch.counts.running + batch.counts.downloading;
     tracing::warn!(
         batch = name,
         cancelled,
-        still_running = batch.counts.submitting + batch.counts.running + batch.counts.downloading,
+        still_running,
         "batch cancelled: its queued rows end failed (CANCELLED); running tasks finish"
     );
     Ok(CancelOutcome {
         batch: name.to_owned(),
         cancelled,
-        still_running: batch.counts.submitting + batch.counts.running + batch.counts.downloading,
+        still_running,
         ended: batch.all_rows_ended(),
     })
+}
+
+/// Ends the never-claimed rows of cancelled batch `name`, reading them from
+/// its manifest in chunks (their records go straight to the archive). Safe
+/// to run again after a stop part-way.
+pub fn cancel_unclaimed(store: &Store, folders: &Folders, name: &str) -> Result<u64, ManageError> {
+    let batch = store
+        .batch_named(name)?
+        .ok_or_else(|| ManageError::NoBatch(name.to_owned()))?;
+    if batch.unclaimed() == 0 {
+        return Ok(0);
+    }
+    let manifest_err = |source| ManageError::Manifest {
+        batch: name.to_owned(),
+        source,
+    };
+    let path = folders.manifest_of(&batch.name);
+    let mut reader = RowReader::open(&path, batch.cursor).map_err(manifest_err)?;
+    let mut cancelled = 0;
+    loop {
+        let mut chunk = Vec::with_capacity(CANCEL_CHUNK);
+        let mut next = None;
+        while chunk.len() < CANCEL_CHUNK {
+            match reader.next_row().map_err(manifest_err)? {
+                Some((row, pos)) => {
+                    chunk.push(row);
+                    next = Some(pos);
+                }
+                None => break,
+            }
+        }
+        let Some(next) = next else { break };
+        cancelled += store.cancel_unclaimed(batch.seq, &chunk, next, CANCEL_MSG)?;
+    }
+    Ok(cancelled)
 }
 
 /// With no daemon running: writes results.csv of a batch whose rows all ended.
@@ -197,16 +227,20 @@ async fn retry_handler(
     }
 }
 
-async fn cancel_handler(State(engine): State<Arc<Engine>>, Path(name): Path<String>) -> Response {
+async fn cancel_handler(State(engine): State<Arc<Engine>>, Path(n): Path<String>) -> Response {
     let store = engine.store.clone();
     let folders = engine.folders.clone();
-    let n = name.clone();
-    let done = tokio::task::spawn_blocking(move || cancel(&store, &folders, &n)).await;
+    let done = tokio::task::spawn_blocking(move || {
+        let outcome = cancel(&store, &folders, &n)?;
+        let seq = store.batch_named(&n)?.map(|b| b.seq);
+        Ok::<_, ManageError>((outcome, seq))
+    })
+    .await;
     match done {
-        Ok(Ok(outcome)) => {
-            if let Ok(Some(batch)) = engine.store.batch_named(&name) {
+        Ok(Ok((outcome, seq))) => {
+            if let Some(seq) = seq {
                 // The finisher writes results.csv if every row has ended.
-                let _ = engine.finished.send(batch.seq);
+                let _ = engine.finished.send(seq);
             }
             axum::Json(outcome).into_response()
         }

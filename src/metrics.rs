@@ -3,8 +3,6 @@
 //! Rows by state and batches are read from the store at scrape time; what is
 //! counted here is what the store does not know (requests, waits, bytes).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -34,7 +32,13 @@ pub struct Metrics {
     pub polls_per_task: Histogram,
     pub download_bytes: Counter,
     pub callbacks: Family<CallbackLabels, Counter>,
-    polls_total: AtomicU64,
+    pub worker_restarts: Family<WorkerLabels, Counter>,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WorkerLabels {
+    /// `submit`, `poll`, `download`, `results`, `archive`, `inbox`, `listener`, ...
+    pub worker: &'static str,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -56,7 +60,7 @@ impl Default for Metrics {
             polls_per_task: Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0]),
             download_bytes: Counter::default(),
             callbacks: Family::default(),
-            polls_total: AtomicU64::new(0),
+            worker_restarts: Family::default(),
         }
     }
 }
@@ -66,13 +70,18 @@ impl Metrics {
         self.requests
             .get_or_create(&RequestLabels { endpoint, outcome })
             .inc();
-        if endpoint == "status" {
-            self.polls_total.fetch_add(1, Ordering::Relaxed);
-        }
     }
 
-    pub fn polls_total(&self) -> u64 {
-        self.polls_total.load(Ordering::Relaxed)
+    pub fn worker_restarted(&self, worker: &'static str) {
+        self.worker_restarts
+            .get_or_create(&WorkerLabels { worker })
+            .inc();
+    }
+
+    pub fn worker_restarts_of(&self, worker: &'static str) -> u64 {
+        self.worker_restarts
+            .get_or_create(&WorkerLabels { worker })
+            .get()
     }
 
     /// Registers everything under the `infinitetalk_` prefix.
@@ -130,6 +139,11 @@ impl Metrics {
             "callbacks",
             "Callbacks received by outcome",
             self.callbacks.clone(),
+        );
+        r.register(
+            "worker_restarts",
+            "Workers restarted after a panic or an unexpected exit",
+            self.worker_restarts.clone(),
         );
     }
 }

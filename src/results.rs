@@ -13,6 +13,7 @@ use crate::dispatch::Engine;
 use crate::fsutil;
 use crate::ingest::Folders;
 use crate::store::{BatchPhase, BatchRecord, BatchSeq, RowRecord, Store, StoreError};
+use crate::supervisor::Beat;
 
 pub const RESULTS_NAME: &str = "results.csv";
 /// Columns added after the manifest's, in this order.
@@ -65,12 +66,8 @@ pub fn write_results(
         .from_path(&manifest)
         .map_err(csv_err(&manifest))?;
     let header = reader.byte_headers().map_err(csv_err(&manifest))?.clone();
-    let mut records: Vec<(u64, RowRecord)> = Vec::new();
-    store.for_each_row(batch.seq, |key, record| {
-        records.push((key.row, record));
-        Ok(())
-    })?;
-    let mut records = records.into_iter().peekable();
+    // What a write killed part-way left behind.
+    let _ = fsutil::remove_temps(&out);
     let mut failure: Option<ResultsError> = None;
     let written = fsutil::write_atomic_with(&out, |w| {
         let mut writer = csv::Writer::from_writer(w);
@@ -80,27 +77,31 @@ pub fn write_results(
             head.push(SIMULATED_COLUMN.as_bytes());
         }
         writer.write_record(&head).map_err(std::io::Error::other)?;
+        let mut rows = reader.byte_records();
         let mut index = 0u64;
-        for raw in reader.byte_records() {
-            let raw = raw.map_err(std::io::Error::other)?;
-            if is_blank_record(&raw) {
-                // Not a row for the manifest reader either (e.g. `,,,`).
-                continue;
+        // The next manifest row that is not blank (as the manifest reader counts).
+        let mut next_row = || -> std::io::Result<Option<csv::ByteRecord>> {
+            for raw in rows.by_ref() {
+                let raw = raw.map_err(std::io::Error::other)?;
+                if !is_blank_record(&raw) {
+                    return Ok(Some(raw));
+                }
             }
+            Ok(None)
+        };
+        let missing = |row| ResultsError::MissingRow {
+            batch: batch.name.clone(),
+            row,
+        };
+        let visited = store.for_each_final_row(batch.seq, |row, record| {
+            let raw = next_row().map_err(|e| io_store(&manifest, e))?;
             index += 1;
-            while records.peek().is_some_and(|(row, _)| *row < index) {
-                records.next();
-            }
-            let record = match records.peek() {
-                Some((row, _)) if *row == index => records.next().map(|(_, r)| r),
-                _ => None,
-            };
-            let Some(record) = record else {
-                failure = Some(ResultsError::MissingRow {
-                    batch: batch.name.clone(),
-                    row: index,
-                });
-                return Err(std::io::Error::other("missing row record"));
+            let Some(raw) = raw.filter(|_| index == row) else {
+                failure = Some(missing(index));
+                return Err(io_store(
+                    &manifest,
+                    std::io::Error::other("missing row record"),
+                ));
             };
             let mut fields: Vec<Vec<u8>> = raw.iter().map(<[u8]>::to_vec).collect();
             fields.resize(header.len(), Vec::new());
@@ -111,7 +112,21 @@ pub fn write_results(
             );
             writer
                 .write_record(&fields)
-                .map_err(std::io::Error::other)?;
+                .map_err(|e| io_store(&out, std::io::Error::other(e)))?;
+            if index == 1 {
+                crate::failpoint::hit("results-mid-write");
+            }
+            Ok(())
+        });
+        if let Err(e) = visited {
+            if failure.is_none() {
+                failure = Some(e.into());
+            }
+            return Err(std::io::Error::other("results not written"));
+        }
+        if next_row()?.is_some() {
+            failure = Some(missing(index + 1));
+            return Err(std::io::Error::other("missing row record"));
         }
         writer.flush()
     });
@@ -123,6 +138,13 @@ pub fn write_results(
         source,
     })?;
     Ok(out)
+}
+
+fn io_store(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Archive {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 fn is_blank_record(raw: &csv::ByteRecord) -> bool {
@@ -156,45 +178,80 @@ fn result_cells(record: &RowRecord, simulated: bool) -> Vec<String> {
     cells
 }
 
-/// Writes `results.csv` for batches whose last row ended.
-pub async fn finish_loop(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<BatchSeq>) {
+/// Writes `results.csv` for batches whose last row ended. When it starts
+/// (or restarts) it looks at every active batch: one whose rows all ended
+/// is finished, one cancelled with rows never claimed has them ended.
+pub async fn finish_worker(
+    engine: Arc<Engine>,
+    rx: &mut mpsc::UnboundedReceiver<BatchSeq>,
+    beat: Beat,
+) {
+    let active = match engine.store.call(|s| s.active_batches()).await {
+        Ok(active) => active,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the active batches; restarting the finisher");
+            return;
+        }
+    };
+    for batch in active {
+        if batch.cancelled && batch.unclaimed() > 0 {
+            let (store, folders, name) = (
+                engine.store.clone(),
+                engine.folders.clone(),
+                batch.name.clone(),
+            );
+            let ended = tokio::task::spawn_blocking(move || {
+                crate::manage::cancel_unclaimed(&store, &folders, &name)
+            })
+            .await;
+            if let Ok(Err(e)) = ended {
+                tracing::error!(batch = %batch.name, error = %e, "cannot end the unclaimed rows of a cancelled batch");
+            }
+        }
+        finish(&engine, batch.seq).await;
+    }
     loop {
-        let seq = tokio::select! {
-            () = engine.shutdown.cancelled() => break,
-            seq = rx.recv() => match seq { Some(s) => s, None => break },
+        let Some(seq) = beat.wait(&engine.shutdown, rx.recv()).await else {
+            break;
         };
-        let batch = match engine.store.batch(seq) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(batch = seq, error = %e, "cannot read batch");
-                continue;
-            }
-        };
-        if batch.phase != BatchPhase::Active || !batch.all_rows_ended() {
-            continue;
+        let Some(seq) = seq else { break };
+        finish(&engine, seq).await;
+    }
+}
+
+/// Writes `results.csv` of batch `seq` if every row of it has ended.
+async fn finish(engine: &Engine, seq: BatchSeq) {
+    let batch = match engine.store.call(move |s| s.batch(seq)).await {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::error!(batch = seq, error = %e, "cannot read batch");
+            return;
         }
-        let store = engine.store.clone();
-        let folders = engine.folders.clone();
-        let b = batch.clone();
-        let written =
-            tokio::task::spawn_blocking(move || write_results(&store, &folders, &b)).await;
-        match written {
-            Ok(Ok(path)) => {
-                if let Err(e) = engine.store.finish_batch(seq) {
-                    tracing::error!(batch = %batch.name, error = %e, "cannot mark batch finished");
-                    continue;
-                }
-                let _ = engine.store.flush().await;
-                tracing::info!(
-                    batch = %batch.name, done = batch.counts.done, failed = batch.counts.failed,
-                    results = %path.display(), "batch finished"
-                );
-            }
-            Ok(Err(e)) => {
-                tracing::error!(batch = %batch.name, error = %e, "cannot write results.csv; will retry when a row changes or at the next start")
-            }
-            Err(e) => tracing::error!(batch = %batch.name, error = %e, "results writer panicked"),
+    };
+    if batch.phase != BatchPhase::Active || !batch.all_rows_ended() {
+        return;
+    }
+    let store = engine.store.clone();
+    let folders = engine.folders.clone();
+    let b = batch.clone();
+    let written = tokio::task::spawn_blocking(move || {
+        let path = write_results(&store, &folders, &b)?;
+        store.finish_batch(b.seq)?;
+        store.flush_blocking()?;
+        Ok::<_, ResultsError>(path)
+    })
+    .await;
+    match written {
+        Ok(Ok(path)) => {
+            tracing::info!(
+                batch = %batch.name, done = batch.counts.done, failed = batch.counts.failed,
+                results = %path.display(), "batch finished"
+            );
         }
+        Ok(Err(e)) => {
+            tracing::error!(batch = %batch.name, error = %e, "cannot write results.csv; will retry when a row changes or at the next start")
+        }
+        Err(e) => tracing::error!(batch = %batch.name, error = %e, "results writer panicked"),
     }
 }
 
@@ -202,7 +259,7 @@ pub async fn finish_loop(engine: Arc<Engine>, mut rx: mpsc::UnboundedReceiver<Ba
 mod tests {
     use super::*;
     use crate::manifest::RowReader;
-    use crate::store::{Begin, Claim, RowKey, RowState};
+    use crate::store::{Begin, Claim, Op, RowKey};
 
     #[test]
     fn results_follow_the_manifest_rows_and_skip_blank_lines() {
@@ -232,23 +289,34 @@ mod tests {
             });
         }
         assert_eq!(claims.len(), 2);
-        store.mark_submitting(&claims).expect("claim");
+        store.claim(&claims).expect("claim");
         for row in 1..=2 {
-            store
-                .transition(
-                    RowKey {
-                        batch: batch.seq,
-                        row,
-                    },
-                    |r| {
-                        r.state = RowState::Done;
-                        r.task_id = Some(format!("t{row}"));
-                        r.outputs = vec![format!("{}.mp4", r.id)];
-                        Ok(())
-                    },
-                )
-                .expect("done");
+            let key = RowKey {
+                batch: batch.seq,
+                row,
+            };
+            let task_id = format!("t{row}");
+            let id = if row == 1 { "a" } else { "b" };
+            for op in [
+                Op::TaskCreated {
+                    task_id: task_id.clone(),
+                    at_ms: 1,
+                },
+                Op::Succeeded {
+                    task_id,
+                    result_urls: vec!["u".into()],
+                    cost_time_ms: None,
+                    at_ms: 2,
+                },
+                Op::Downloaded {
+                    outputs: vec![format!("{id}.mp4")],
+                },
+            ] {
+                store.apply(key, op).expect("apply");
+            }
         }
+        // Row 1 leaves for the archive now, row 2 when the results are written.
+        assert_eq!(store.retire(1).expect("retire"), 1);
         let batch = store.batch(batch.seq).expect("batch");
         let path = write_results(&store, &folders, &batch).expect("results");
         let mut out = csv::Reader::from_path(&path).expect("read");

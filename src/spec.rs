@@ -102,7 +102,7 @@ pub const MAX_SEED: i64 = 2_147_483_647;
 
 /// The request parameters of one row, as written in the manifest.
 /// `None` means "blank in the manifest": the daemon's default applies.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RowSpec {
     pub image_url: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::*;
 use infinitetalk_batch::simulator::{CreditsStyle, Faults, SimArgs};
-use infinitetalk_batch::store::{RowKey, RowState, Store};
+use infinitetalk_batch::store::{RowState, Store};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_runs_end_to_end_with_identical_bytes() {
@@ -142,14 +142,9 @@ async fn sigkill_at_random_moments_loses_nothing_and_pays_once() {
         .find(|b| b.name == "crash")
         .expect("batch");
     let mut in_flight_resubmits = 0;
-    for row in 1..=300u64 {
-        let record = store
-            .row(RowKey {
-                batch: batch.seq,
-                row,
-            })
-            .expect("read")
-            .expect("record");
+    let records = store.batch_rows(batch.seq).expect("read rows");
+    assert_eq!(records.len(), 300, "every row has a record");
+    for (_, record) in records {
         assert!(matches!(record.state, RowState::Done | RowState::Failed));
         assert!(
             record.previous_tasks.is_empty(),

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use infinitetalk_batch::simulator::{CreditsStyle, Faults, SimArgs};
-use infinitetalk_batch::store::{RowKey, RowState, Store};
+use infinitetalk_batch::store::{RowState, Store};
 use rand::{Rng, SeedableRng};
 
 /// Kills the daemon if a test panics before it is stopped.
@@ -165,14 +165,9 @@ async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64) -> 
         .collect();
     // Audio URL (unique per row) -> tasks the store knows of.
     let mut known_tasks: HashMap<String, usize> = HashMap::new();
-    for row in 1..=n as u64 {
-        let record = store
-            .row(RowKey {
-                batch: batch.seq,
-                row,
-            })
-            .expect("read")
-            .expect("record");
+    let records = store.batch_rows(batch.seq).expect("read rows");
+    assert_eq!(records.len(), n, "every row has a record");
+    for (_, record) in records {
         assert!(matches!(record.state, RowState::Done | RowState::Failed));
         let i: usize = record.id[1..].parse().expect("id");
         // A service-side failure may be resubmitted once; a row whose first

@@ -1,18 +1,22 @@
 //! The store keeps every flushed transition across a SIGKILL.
 //!
 //! The test re-runs its own binary as a child that walks rows through their
-//! states, flushing after each step and printing what it flushed; the parent
-//! kills it with SIGKILL part-way, reopens the database and checks that every
-//! row is at least where the child last said it was.
+//! states, flushing after each step and printing what it flushed, and moves
+//! ended rows to the archive as the daemon does; the parent kills it with
+//! SIGKILL part-way (or the child dies at a named failpoint, between an
+//! archive write and the rows leaving the database), reopens the store and
+//! checks that every row is at least where the child last said it was, once,
+//! and that the counters agree with the rows.
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use infinitetalk_batch::failpoint;
 use infinitetalk_batch::manifest::{ManifestRow, ReadPosition};
 use infinitetalk_batch::spec::RowSpec;
-use infinitetalk_batch::store::{Begin, Claim, RowKey, RowState, Store};
+use infinitetalk_batch::store::{Begin, Claim, Op, RowKey, RowState, Store};
 
 const ROWS: u64 = 300;
 const CHILD_ENV: &str = "STORE_CRASH_CHILD_DIR";
@@ -78,7 +82,7 @@ fn child_walks_rows_through_their_states() {
             rows_read: i,
         };
         store
-            .mark_submitting(&[Claim::Fresh {
+            .claim(&[Claim::Fresh {
                 batch: batch.seq,
                 row: row(i),
                 next,
@@ -86,37 +90,67 @@ fn child_walks_rows_through_their_states() {
             .expect("claim");
         store.flush_blocking().expect("flush");
         println!("{i} submitting");
+        let task_id = format!("task-{i}");
         store
-            .transition(key, |r| {
-                r.state = RowState::Running;
-                r.task_id = Some(format!("task-{i}"));
-                Ok(())
-            })
+            .apply(
+                key,
+                Op::TaskCreated {
+                    task_id: task_id.clone(),
+                    at_ms: 1,
+                },
+            )
             .expect("run");
         store.flush_blocking().expect("flush");
         println!("{i} running");
-        store
-            .transition(key, |r| {
-                r.state = if i % 7 == 0 {
-                    RowState::Failed
-                } else {
-                    RowState::Done
-                };
-                Ok(())
-            })
-            .expect("end");
+        let end = if i % 7 == 0 {
+            Op::TaskFailed {
+                task_id,
+                code: "CONTENT_VIOLATION".into(),
+                msg: "no".into(),
+            }
+        } else {
+            Op::Succeeded {
+                task_id,
+                result_urls: vec![format!("https://example.com/{i}.mp4")],
+                cost_time_ms: Some(10),
+                at_ms: 2,
+            }
+        };
+        store.apply(key, end).expect("end");
+        if i % 7 != 0 {
+            store
+                .apply(
+                    key,
+                    Op::Downloaded {
+                        outputs: vec![format!("r{i}.mp4")],
+                    },
+                )
+                .expect("downloaded");
+        }
         store.flush_blocking().expect("flush");
         println!("{i} ended");
+        if i % 5 == 0 {
+            store.retire(usize::MAX).expect("retire");
+            store.flush_blocking().expect("flush");
+        }
     }
     println!("finished");
 }
 
 #[test]
 fn every_flushed_transition_survives_sigkill() {
-    for round in 0..3u64 {
+    // Round 3 dies inside the first retirement, after the archive write and
+    // before the rows leave the database.
+    for round in 0..4u64 {
         let dir = tempfile::tempdir().expect("tempdir");
         let exe = std::env::current_exe().expect("test binary");
+        let point = if round == 3 {
+            "archive-before-remove"
+        } else {
+            ""
+        };
         let mut child = Command::new(exe)
+            .env(failpoint::VAR, point)
             .args([
                 "--exact",
                 "child_walks_rows_through_their_states",
@@ -130,7 +164,11 @@ fn every_flushed_transition_survives_sigkill() {
             .expect("spawn child");
         let stdout = child.stdout.take().expect("child stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let kill_after = 40 + round * 170;
+        let kill_after = if round == 3 {
+            u64::MAX
+        } else {
+            40 + round * 170
+        };
         let mut last: Vec<u8> = vec![0; ROWS as usize + 1];
         let mut seen = 0u64;
         let mut batch_seq = 0u64;
@@ -158,48 +196,68 @@ fn every_flushed_transition_survives_sigkill() {
                 break;
             }
         }
-        let _ = child.wait();
+        let status = child.wait().expect("child ends");
         assert!(batch_seq > 0, "child never got ready");
-        assert!(seen >= kill_after, "child stopped early after {seen} steps");
+        if round == 3 {
+            assert!(!status.success(), "the failpoint aborted the child");
+            assert!(
+                seen >= 15,
+                "died at the first retirement, after row 5: {seen}"
+            );
+        } else {
+            assert!(seen >= kill_after, "child stopped early after {seen} steps");
+        }
 
         let store = Store::open(dir.path()).expect("reopen after SIGKILL");
         let batch = store.batch(batch_seq).expect("batch survives");
+        let rows: std::collections::HashMap<u64, _> = store
+            .batch_rows(batch_seq)
+            .expect("rows")
+            .into_iter()
+            .collect();
         for i in 1..=ROWS {
-            let record = store
-                .row(RowKey {
-                    batch: batch_seq,
-                    row: i,
-                })
-                .expect("read row");
+            let record = rows.get(&i);
             let flushed = last[i as usize];
-            let found = record.as_ref().map_or(0, |r| rank(r.state));
+            let found = record.map_or(0, |r| rank(r.state));
             assert!(
                 found >= flushed,
                 "round {round}: row {i} was flushed at rank {flushed}, found {found}"
             );
             if found >= 2 {
-                let task = record.and_then(|r| r.task_id);
+                let task = record.and_then(|r| r.task_id.clone());
                 assert_eq!(task, Some(format!("task-{i}")), "row {i} lost its task id");
             }
         }
-        // Counters moved in the same transactions as the rows.
-        let records: u64 = [
-            RowState::Submitting,
-            RowState::Running,
-            RowState::Done,
-            RowState::Failed,
-        ]
-        .iter()
-        .map(|s| store.rows_in_state(*s, usize::MAX).expect("index").len() as u64)
-        .sum();
-        let counted = batch.counts.submitting
-            + batch.counts.running
-            + batch.counts.done
-            + batch.counts.failed;
+        // Counters moved in the same transactions as the rows, and an ended
+        // row is counted once whether it is in the archive, the database, or
+        // (after a kill mid-retirement) both.
+        let mut by_state = std::collections::HashMap::new();
+        for r in rows.values() {
+            *by_state.entry(r.state).or_insert(0u64) += 1;
+        }
+        let tally = |s| by_state.get(&s).copied().unwrap_or(0);
         assert_eq!(
-            records, counted,
-            "round {round}: index and counters disagree"
+            batch.counts.submitting,
+            tally(RowState::Submitting),
+            "round {round}"
         );
+        assert_eq!(
+            batch.counts.running,
+            tally(RowState::Running),
+            "round {round}"
+        );
+        assert_eq!(
+            batch.counts.downloading,
+            tally(RowState::Downloading),
+            "round {round}"
+        );
+        assert_eq!(batch.counts.done, tally(RowState::Done), "round {round}");
+        assert_eq!(
+            batch.counts.failed,
+            tally(RowState::Failed),
+            "round {round}"
+        );
+        let records = rows.len() as u64;
         assert_eq!(
             batch.cursor.map_or(0, |c| c.rows_read),
             records,

@@ -12,11 +12,12 @@ use std::time::Duration;
 
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::{Engine, Feed, backoff, sleep_or_stop};
+use super::submit::Feed;
+use super::{Engine, backoff, sleep_or_stop};
 use crate::api::PauseReason;
 use crate::probe::ProbeError;
 use crate::spec::RowSpec;
-use crate::store::{Claim, RowKey, RowRecord, RowState, StoreError};
+use crate::store::{Claim, Op, RowKey, RowRecord, StoreError};
 
 /// Probe attempts on transient errors before a row waits in the queue again.
 const PROBE_ATTEMPTS: u32 = 3;
@@ -29,18 +30,6 @@ pub(super) enum Outcome {
     Fail(ProbeError),
     /// Its audio could not be read now: back to the queue.
     Defer,
-}
-
-fn spec_of<'a>(engine: &Engine, claim: &'a Claim) -> Option<std::borrow::Cow<'a, RowSpec>> {
-    match claim {
-        Claim::Fresh { row, .. } => Some(std::borrow::Cow::Borrowed(&row.spec)),
-        Claim::Again(key) => engine
-            .store
-            .row(*key)
-            .ok()
-            .flatten()
-            .map(|r| std::borrow::Cow::Owned(r.spec)),
-    }
 }
 
 /// The cost counted for a row without a probed length.
@@ -87,9 +76,40 @@ pub(super) async fn plan(
         .into_iter()
         .filter_map(|(s, c)| c.map(|c| (s, c)))
         .collect();
+    // Rows queued again have their spec in the store; read it (and the
+    // spend so far) off the async threads.
+    let again: Vec<RowKey> = group
+        .iter()
+        .filter_map(|(_, c)| match c {
+            Claim::Again(key) => Some(*key),
+            Claim::Fresh { .. } => None,
+        })
+        .collect();
+    let read = engine
+        .store
+        .call(move |s| {
+            let mut specs = std::collections::HashMap::new();
+            for key in again {
+                if let Some(r) = s.live_row(key)? {
+                    specs.insert(key, r.spec);
+                }
+            }
+            Ok((specs, s.spend()?.usd))
+        })
+        .await;
+    let (mut again_specs, spent_before) = match read {
+        Ok(read) => read,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the rows' specs and the spend so far");
+            (std::collections::HashMap::new(), 0.0)
+        }
+    };
     let specs: Vec<Option<RowSpec>> = group
         .iter()
-        .map(|(_, c)| spec_of(engine, c).map(std::borrow::Cow::into_owned))
+        .map(|(_, c)| match c {
+            Claim::Fresh { row, .. } => Some(row.spec.clone()),
+            Claim::Again(key) => again_specs.remove(key),
+        })
         .collect();
     let probes: Vec<Option<Result<f64, ProbeError>>> = if engine.settings.probe {
         futures_util::future::join_all(specs.iter().map(|spec| async move {
@@ -103,13 +123,7 @@ pub(super) async fn plan(
         specs.iter().map(|_| None).collect()
     };
     let cap = *engine.spend_cap.borrow();
-    let mut spent = match engine.store.spend() {
-        Ok(s) => s.usd,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot read the spend so far");
-            0.0
-        }
-    };
+    let mut spent = spent_before;
     let mut kept = Vec::with_capacity(group.len());
     let mut outcomes = Vec::with_capacity(group.len());
     let mut rest = Vec::new();
@@ -164,9 +178,9 @@ pub(super) async fn plan(
     (kept, outcomes)
 }
 
-/// After the group is marked `submitting` (before the flush): records the
-/// probed lengths and the spend, fails and requeues what must not be sent.
-/// Returns the rows to submit.
+/// After the group is marked `submitting` (before the flush), on a blocking
+/// thread: records the probed lengths and the spend, fails and requeues what
+/// must not be sent. Returns the rows to submit.
 pub(super) fn apply(
     engine: &Engine,
     group: Vec<(OwnedSemaphorePermit, Claim)>,
@@ -182,24 +196,29 @@ pub(super) fn apply(
                 let record = match seconds {
                     Some(seconds) => {
                         seconds_total += seconds;
-                        engine.store.transition(key, |r| {
-                            r.audio_seconds = Some(seconds);
-                            r.cost_usd = Some(usd);
-                            Ok(())
-                        })?
+                        engine.store.apply(
+                            key,
+                            Op::Costed {
+                                audio_seconds: seconds,
+                                cost_usd: usd,
+                            },
+                        )?
                     }
                     None => record,
                 };
                 send.push((slot, key, record));
             }
             Outcome::Fail(e) => {
-                engine.fail_row(key, e.fail_code(), &format!("audio_url: {e}"))?;
+                let msg = format!("audio_url: {e}");
+                tracing::warn!(batch = %engine.batch_name(key.batch), row = %record.id, code = e.fail_code(), msg, "row failed");
+                let op = Op::SubmitFailed {
+                    code: e.fail_code().to_owned(),
+                    msg,
+                };
+                engine.apply_blocking(key, op)?;
             }
             Outcome::Defer => {
-                engine.store.transition(key, |r| {
-                    r.state = RowState::Queued;
-                    Ok(())
-                })?;
+                engine.apply_blocking(key, Op::Unsent)?;
             }
         }
     }

@@ -8,12 +8,26 @@
 //! queued again after a claim). The store therefore stays small at a million
 //! queued rows.
 //!
+//! Rows that ended leave the database: their final record is appended to a
+//! per-batch archive file ([`archive`]) and synced first. The database
+//! therefore holds only what is live (batches, claimed rows not yet ended,
+//! the request ledger, secrets, spend), and its size and memory follow the
+//! live rows, not the rows processed.
+//!
+//! A row changes state only through [`Store::claim`] and [`Store::apply`]
+//! with an [`Op`] of the state machine ([`machine`]), which refuses every
+//! change that is not in its table.
+//!
 //! Every method that precedes an outside effect is followed by a
 //! [`Store::flush`] from the caller before the effect (write-ahead).
 //!
 //! Only `store/sled.rs` knows the database engine.
 
+mod archive;
+pub mod machine;
 mod sled;
+
+pub use self::machine::{Op, TRANSITIONS};
 
 use std::path::PathBuf;
 
@@ -27,8 +41,9 @@ pub use self::sled::Store;
 /// Fail code of rows a `cancel` ended.
 pub const CANCELLED: &str = "CANCELLED";
 
-/// Version of the on-disk layout this build reads and writes.
-pub const SCHEMA_VERSION: u32 = 1;
+/// Version of the on-disk layout this build reads and writes. Layout 1
+/// (every row ever claimed kept in the database) is migrated at open.
+pub const SCHEMA_VERSION: u32 = 2;
 
 /// Batches are numbered in order of acceptance.
 pub type BatchSeq = u64;
@@ -87,7 +102,7 @@ impl RowState {
         matches!(self, RowState::Done | RowState::Failed)
     }
 
-    fn tag(self) -> u8 {
+    pub(crate) fn tag(self) -> u8 {
         match self {
             RowState::Queued => 0,
             RowState::Submitting => 1,
@@ -318,21 +333,43 @@ pub enum StoreError {
     },
     /// A read or write of the database failed.
     #[error("state database: {0}")]
-    Db(String),
+    Db(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// A value could not be encoded for the database.
+    #[error("state database: cannot encode a value: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The archive of ended rows could not be read or written.
+    #[error("archive of ended rows, {path}: {source}")]
+    Archive {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     /// A stored value could not be decoded (corruption or a foreign writer).
     #[error("state database holds an unreadable {what}: {message}")]
     Corrupt { what: &'static str, message: String },
-    /// The row is not in a state that allows the transition.
+    /// The row is not in a state that allows the operation.
     #[error("row {key} is {found}, cannot {action}")]
     WrongState {
         key: RowKey,
         found: &'static str,
         action: &'static str,
     },
+    /// An answer about a task the row no longer runs (late or duplicate).
+    #[error("row {key} no longer runs task {task_id}")]
+    StaleTask { key: RowKey, task_id: String },
     #[error("no batch number {0}")]
     NoBatch(BatchSeq),
-    #[error("no record for row {0}")]
+    #[error("no live record for row {0}")]
     NoRow(RowKey),
+    /// An accepted batch cannot be abandoned like an interrupted ingest.
+    #[error("batch {0} is accepted, not abandoned")]
+    BatchAccepted(String),
+    /// Unclaimed rows end `CANCELLED` only in a batch marked cancelled.
+    #[error("batch {0} is not cancelled")]
+    NotCancelled(String),
+    /// A blocking store call did not complete (its thread panicked).
+    #[error("state database call: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 pub(crate) fn now_ms() -> u64 {

@@ -1,19 +1,25 @@
 //! The store on sled 0.34. The only file that imports sled.
 //!
-//! Trees: `meta` (schema version, request ledger), `batches` (seq ->
-//! BatchRecord), `hashes` (manifest sha256 -> seq), `rows` (seq|row ->
-//! RowRecord, only rows that left the queue), `index` (state|seq|row -> ()).
-//! Row changes and the batch counters they move are one transaction.
+//! Trees: `meta` (schema version, request ledger, secrets, spend), `batches`
+//! (seq -> BatchRecord), `hashes` (manifest sha256 -> seq), `rows` (seq|row
+//! -> RowRecord, live rows only), `index` (state|seq|row -> ()). A row change
+//! and the batch counters it moves are one transaction. Ended rows leave for
+//! the archive ([`super::archive`]) once their final record is synced there.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
+use super::archive::Archive;
+use super::machine::Op;
 use super::{
     BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, LedgerEntry, RowKey, RowRecord,
     RowState, SCHEMA_VERSION, SpendTotals, StoreError, now_ms,
 };
+use crate::manifest::{ManifestRow, ReadPosition};
 
 const FORMAT_FILE: &str = "FORMAT";
 const DB_DIR: &str = "db-v1";
@@ -22,6 +28,8 @@ const KEY_NEXT_SEQ: &[u8] = b"next_batch_seq";
 const KEY_LEDGER: &[u8] = b"request_ledger";
 const KEY_SECRET: &[u8] = b"callback_secret";
 const KEY_SPEND: &[u8] = b"spend";
+/// Final rows moved to the archive per transaction.
+const RETIRE_CHUNK: usize = 4096;
 
 /// The durable state of one daemon. Cloning shares the database.
 #[derive(Clone)]
@@ -33,6 +41,11 @@ pub struct Store {
     hashes: sled::Tree,
     rows: sled::Tree,
     index: sled::Tree,
+    archive: Archive,
+    /// Batches accepted and not finished: what the submitter chooses from.
+    active: Arc<Mutex<BTreeSet<BatchSeq>>>,
+    /// One retirement at a time (the retirer, a retry, a results writer).
+    retiring: Arc<Mutex<()>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -42,7 +55,7 @@ impl std::fmt::Debug for Store {
 }
 
 fn db_err(e: sled::Error) -> StoreError {
-    StoreError::Db(e.to_string())
+    StoreError::Db(Box::new(e))
 }
 
 fn tx_err(e: TransactionError<StoreError>) -> StoreError {
@@ -86,7 +99,7 @@ fn index_key(state: RowState, key: RowKey) -> [u8; 17] {
 }
 
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
-    serde_json::to_vec(value).map_err(|e| StoreError::Db(format!("encode: {e}")))
+    serde_json::to_vec(value).map_err(StoreError::Encode)
 }
 
 fn decode<T: serde::de::DeserializeOwned>(
@@ -117,6 +130,13 @@ fn tx_put_batch(batches: &TransactionalTree, batch: &BatchRecord) -> TxResult<()
     Ok(())
 }
 
+fn tx_row(rows: &TransactionalTree, key: RowKey) -> TxResult<Option<RowRecord>> {
+    match rows.get(row_key(key))? {
+        Some(bytes) => decode("row", &bytes).map(Some).map_err(abort),
+        None => Ok(None),
+    }
+}
+
 fn tx_put_row(
     rows: &TransactionalTree,
     index: &TransactionalTree,
@@ -134,7 +154,8 @@ fn tx_put_row(
 
 impl Store {
     /// Opens (or creates) the state folder `dir`. Refuses a folder written by
-    /// another layout version, and one another process holds.
+    /// another layout version, and one another process holds. A folder of
+    /// layout 1 is migrated (its ended rows move to the archive).
     pub fn open(dir: &Path) -> Result<Store, StoreError> {
         let open_err = |source| StoreError::Open {
             path: dir.to_owned(),
@@ -142,9 +163,11 @@ impl Store {
         };
         std::fs::create_dir_all(dir).map_err(open_err)?;
         let format_path = dir.join(FORMAT_FILE);
-        let expected = format!("infinitetalk-batch state {SCHEMA_VERSION}\n");
+        let format_line = |v: u32| format!("infinitetalk-batch state {v}\n");
+        let mut migrate_from = None;
         match std::fs::read_to_string(&format_path) {
-            Ok(found) if found == expected => {}
+            Ok(found) if found == format_line(SCHEMA_VERSION) => {}
+            Ok(found) if found == format_line(1) => migrate_from = Some(1),
             Ok(found) => {
                 return Err(StoreError::Version {
                     path: dir.to_owned(),
@@ -160,18 +183,19 @@ impl Store {
                         supported: SCHEMA_VERSION,
                     });
                 }
-                crate::fsutil::write_atomic(&format_path, expected.as_bytes()).map_err(open_err)?;
+                crate::fsutil::write_atomic(&format_path, format_line(SCHEMA_VERSION).as_bytes())
+                    .map_err(open_err)?;
             }
             Err(e) => return Err(open_err(e)),
         }
         let db = sled::Config::new()
             .path(dir.join(DB_DIR))
-            .cache_capacity(64 * 1024 * 1024)
+            .cache_capacity(16 * 1024 * 1024)
             .flush_every_ms(Some(500))
             .open()
             .map_err(|e| match e {
                 sled::Error::Io(io) => open_err(io),
-                other => open_err(std::io::Error::other(other.to_string())),
+                other => open_err(std::io::Error::other(other)),
             })?;
         let tree = |name: &str| db.open_tree(name).map_err(db_err);
         let store = Store {
@@ -180,13 +204,17 @@ impl Store {
             hashes: tree("hashes")?,
             rows: tree("rows")?,
             index: tree("index")?,
+            archive: Archive::open(dir)?,
             path: dir.to_owned(),
+            active: Arc::default(),
+            retiring: Arc::default(),
             db,
         };
+        let expected = migrate_from.unwrap_or(SCHEMA_VERSION);
         match store.meta.get(KEY_SCHEMA).map_err(db_err)? {
             Some(v) => {
                 let found: u32 = decode("schema version", &v)?;
-                if found != SCHEMA_VERSION {
+                if found != expected {
                     return Err(StoreError::Version {
                         path: dir.to_owned(),
                         found: found.to_string(),
@@ -197,16 +225,57 @@ impl Store {
             None => {
                 store
                     .meta
-                    .insert(KEY_SCHEMA, encode(&SCHEMA_VERSION)?)
+                    .insert(KEY_SCHEMA, encode(&expected)?)
                     .map_err(db_err)?;
             }
         }
+        if let Some(from) = migrate_from {
+            store.migrate(from)?;
+            crate::fsutil::write_atomic(&format_path, format_line(SCHEMA_VERSION).as_bytes())
+                .map_err(open_err)?;
+        }
+        let active = store
+            .batches()?
+            .into_iter()
+            .filter(|b| b.phase == BatchPhase::Active)
+            .map(|b| b.seq);
+        store.active_set().extend(active);
         Ok(store)
+    }
+
+    /// Layout 1 kept every ended row in the database: move them out.
+    fn migrate(&self, from: u32) -> Result<(), StoreError> {
+        let moved = self.retire(usize::MAX)?;
+        self.meta
+            .insert(KEY_SCHEMA, encode(&SCHEMA_VERSION)?)
+            .map_err(db_err)?;
+        self.flush_blocking()?;
+        tracing::info!(
+            from,
+            to = SCHEMA_VERSION,
+            rows_archived = moved,
+            "state folder migrated"
+        );
+        Ok(())
+    }
+
+    fn active_set(&self) -> std::sync::MutexGuard<'_, BTreeSet<BatchSeq>> {
+        self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The state folder.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f` on a blocking thread: sled calls block, and the async
+    /// workers must not.
+    pub async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store)).await?
     }
 
     /// Makes every write so far durable (as durable as sled's flush: see README).
@@ -215,16 +284,17 @@ impl Store {
     /// `flush_async` was seen here never to complete when several tasks
     /// flush at once, wedging every caller.
     pub async fn flush(&self) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        match tokio::task::spawn_blocking(move || db.flush()).await {
-            Ok(result) => result.map(|_| ()).map_err(db_err),
-            Err(e) => Err(StoreError::Db(format!("flush task: {e}"))),
-        }
+        self.call(Store::flush_blocking).await
     }
 
     /// Blocking flush, for code outside the runtime.
     pub fn flush_blocking(&self) -> Result<(), StoreError> {
         self.db.flush().map(|_| ()).map_err(db_err)
+    }
+
+    /// Bytes the state folder takes on disk (database and archive).
+    pub fn disk_bytes(&self) -> u64 {
+        self.db.size_on_disk().unwrap_or(0) + self.archive.bytes()
     }
 
     // ---- batches ----
@@ -261,10 +331,9 @@ impl Store {
                     None => 1,
                 };
                 meta.insert(KEY_NEXT_SEQ, encode(&(seq + 1)).map_err(abort)?)?;
-                let name = unique_name(stem, &free);
                 let record = BatchRecord {
                     seq,
-                    name,
+                    name: unique_name(stem, &free),
                     sha256: sha256.to_owned(),
                     source: source.to_owned(),
                     source_removed: false,
@@ -290,10 +359,7 @@ impl Store {
         let result = (&self.batches, &self.hashes).transaction(|(batches, hashes)| {
             let batch = tx_batch(batches, seq)?;
             if batch.phase != BatchPhase::Ingesting {
-                return Err(abort(StoreError::Db(format!(
-                    "batch {} is accepted, not abandoned",
-                    batch.name
-                ))));
+                return Err(abort(StoreError::BatchAccepted(batch.name)));
             }
             batches.remove(&seq.to_be_bytes())?;
             hashes.remove(batch.sha256.as_bytes())?;
@@ -313,7 +379,14 @@ impl Store {
             tx_put_batch(batches, &batch)?;
             Ok(batch)
         });
-        result.map_err(tx_err)
+        let batch = result.map_err(tx_err)?;
+        let mut active = self.active_set();
+        if batch.phase == BatchPhase::Active {
+            active.insert(seq);
+        } else {
+            active.remove(&seq);
+        }
+        Ok(batch)
     }
 
     /// The manifest is in the outbox: the batch is accepted.
@@ -344,14 +417,9 @@ impl Store {
         })
     }
 
-    /// A finished batch got rows back (a deliberate retry).
-    pub fn reopen_batch(&self, seq: BatchSeq) -> Result<BatchRecord, StoreError> {
-        self.update_batch(seq, |b| {
-            if b.phase == BatchPhase::Finished {
-                b.phase = BatchPhase::Active;
-                b.finished_at_ms = None;
-            }
-        })
+    /// Marks a batch cancelled: no fresh row of it is claimed from now on.
+    pub fn set_cancelled(&self, seq: BatchSeq) -> Result<BatchRecord, StoreError> {
+        self.update_batch(seq, |b| b.cancelled = true)
     }
 
     /// The accepted batch named `name`, if any.
@@ -360,124 +428,6 @@ impl Store {
             .batches()?
             .into_iter()
             .find(|b| b.name == name && b.phase != BatchPhase::Ingesting))
-    }
-
-    /// Queues failed rows of a batch again (all, or those whose fail code is
-    /// in `codes`), each for a new task; the batch becomes active again.
-    pub fn requeue_failed(
-        &self,
-        seq: BatchSeq,
-        codes: Option<&[String]>,
-    ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
-        let mut chosen = Vec::new();
-        self.for_each_row(seq, |key, r| {
-            let code = r.fail_code.as_deref().unwrap_or("");
-            if r.state == RowState::Failed && codes.is_none_or(|c| c.iter().any(|c| c == code)) {
-                chosen.push(key);
-            }
-            Ok(())
-        })?;
-        let mut out = Vec::with_capacity(chosen.len());
-        for key in chosen {
-            let record = self.transition(key, |r| {
-                if r.state != RowState::Failed {
-                    return Err(StoreError::WrongState {
-                        key,
-                        found: r.state.as_str(),
-                        action: "retry it",
-                    });
-                }
-                if let Some(old) = r.task_id.take() {
-                    r.previous_tasks.push(old);
-                }
-                r.state = RowState::Queued;
-                r.resubmits = 0;
-                r.submitted_at_ms = None;
-                r.finished_at_ms = None;
-                r.cost_time_ms = None;
-                r.result_urls.clear();
-                r.outputs.clear();
-                r.fail_code = None;
-                r.fail_msg = None;
-                Ok(())
-            })?;
-            out.push((key, record));
-        }
-        self.update_batch(seq, |b| {
-            b.cancelled = false;
-            if b.phase == BatchPhase::Finished && !out.is_empty() {
-                b.phase = BatchPhase::Active;
-                b.finished_at_ms = None;
-            }
-        })?;
-        Ok(out)
-    }
-
-    /// Marks a batch cancelled and ends its queued rows as `failed`
-    /// (`CANCELLED`). Returns how many rows it ended. Rows never claimed are
-    /// ended by [`Store::cancel_unclaimed`].
-    pub fn cancel_batch(&self, seq: BatchSeq, msg: &str) -> Result<u64, StoreError> {
-        self.update_batch(seq, |b| b.cancelled = true)?;
-        let mut queued = Vec::new();
-        self.for_each_row(seq, |key, r| {
-            if r.state == RowState::Queued {
-                queued.push(key);
-            }
-            Ok(())
-        })?;
-        let mut n = 0;
-        for key in queued {
-            let ended = self.transition(key, |r| {
-                if r.state == RowState::Queued {
-                    r.state = RowState::Failed;
-                    r.fail_code = Some(super::CANCELLED.into());
-                    r.fail_msg = Some(msg.to_owned());
-                }
-                Ok(())
-            })?;
-            if ended.state == RowState::Failed {
-                n += 1;
-            }
-        }
-        Ok(n)
-    }
-
-    /// Ends never-claimed rows of a cancelled batch as `failed` (`CANCELLED`)
-    /// and moves its cursor to `next`. Rows claimed meanwhile are left alone.
-    pub fn cancel_unclaimed(
-        &self,
-        seq: BatchSeq,
-        rows: &[crate::manifest::ManifestRow],
-        next: crate::manifest::ReadPosition,
-        msg: &str,
-    ) -> Result<u64, StoreError> {
-        let result =
-            (&self.batches, &self.rows, &self.index).transaction(|(batches, rows_t, index)| {
-                let mut batch = tx_batch(batches, seq)?;
-                let mut n = 0;
-                for row in rows {
-                    let key = RowKey {
-                        batch: seq,
-                        row: row.index,
-                    };
-                    if rows_t.get(row_key(key))?.is_some() {
-                        continue;
-                    }
-                    let mut record = RowRecord::new(row.id.clone(), row.line, row.spec.clone());
-                    record.state = RowState::Failed;
-                    record.fail_code = Some(super::CANCELLED.into());
-                    record.fail_msg = Some(msg.to_owned());
-                    batch.counts.moved(None, RowState::Failed);
-                    tx_put_row(rows_t, index, key, None, &record)?;
-                    n += 1;
-                }
-                if batch.cursor.is_none_or(|c| c.rows_read < next.rows_read) {
-                    batch.cursor = Some(next);
-                }
-                tx_put_batch(batches, &batch)?;
-                Ok(n)
-            });
-        result.map_err(tx_err)
     }
 
     pub fn batch(&self, seq: BatchSeq) -> Result<BatchRecord, StoreError> {
@@ -500,15 +450,20 @@ impl Store {
             .collect()
     }
 
-    // ---- rows ----
+    /// Batches accepted and not finished, oldest first: O(active batches).
+    pub fn active_batches(&self) -> Result<Vec<BatchRecord>, StoreError> {
+        let seqs: Vec<BatchSeq> = self.active_set().iter().copied().collect();
+        seqs.into_iter().map(|seq| self.batch(seq)).collect()
+    }
 
-    /// Marks the claimed rows `submitting` in one transaction: fresh rows get
-    /// their record and move their batch's cursor. The caller flushes before
+    // ---- rows: the state machine ----
+
+    /// Claims rows for submission in one transaction: each becomes
+    /// `submitting`; a fresh row gets its record and moves its batch's
+    /// cursor. A fresh row of a cancelled batch, or one at or behind the
+    /// cursor (claimed before), is refused. The caller flushes before
     /// sending any of them.
-    pub fn mark_submitting(
-        &self,
-        claims: &[Claim],
-    ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+    pub fn claim(&self, claims: &[Claim]) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
         let result =
             (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
                 let mut out = Vec::with_capacity(claims.len());
@@ -520,27 +475,33 @@ impl Store {
                                 batch: *batch,
                                 row: row.index,
                             };
-                            if rows.get(row_key(key))?.is_some() {
+                            let b = batch_in(&mut touched, batches, *batch)?;
+                            let read = b.cursor.map_or(0, |c| c.rows_read);
+                            if b.cancelled || b.phase != BatchPhase::Active || row.index <= read {
                                 return Err(abort(StoreError::WrongState {
                                     key,
-                                    found: "already claimed",
-                                    action: "claim it fresh",
+                                    found: if b.cancelled {
+                                        "in a cancelled batch"
+                                    } else {
+                                        "claimed before"
+                                    },
+                                    action: "claim",
                                 }));
                             }
+                            b.cursor = Some(*next);
                             let mut record =
                                 RowRecord::new(row.id.clone(), row.line, row.spec.clone());
                             record.state = RowState::Submitting;
-                            let b = batch_in(&mut touched, batches, *batch)?;
-                            b.cursor = Some(*next);
                             (key, None, record)
                         }
                         Claim::Again(key) => {
-                            let mut record = tx_row(rows, *key)?;
+                            let mut record = tx_row(rows, *key)?
+                                .ok_or_else(|| abort(StoreError::NoRow(*key)))?;
                             if record.state != RowState::Queued {
                                 return Err(abort(StoreError::WrongState {
                                     key: *key,
                                     found: record.state.as_str(),
-                                    action: "submit it",
+                                    action: "claim",
                                 }));
                             }
                             record.state = RowState::Submitting;
@@ -561,18 +522,15 @@ impl Store {
         result.map_err(tx_err)
     }
 
-    /// Applies `f` to a row's record in one transaction with its batch's
-    /// counters. `f` may refuse the transition.
-    pub fn transition(
-        &self,
-        key: RowKey,
-        f: impl Fn(&mut RowRecord) -> Result<(), StoreError>,
-    ) -> Result<RowRecord, StoreError> {
+    /// Applies one operation of the state machine to a live row, with its
+    /// batch's counters, in one transaction. Refused (nothing changes) when
+    /// the row is not in the operation's starting state.
+    pub fn apply(&self, key: RowKey, op: Op) -> Result<RowRecord, StoreError> {
         let result =
             (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
-                let mut record = tx_row(rows, key)?;
+                let mut record = tx_row(rows, key)?.ok_or_else(|| abort(StoreError::NoRow(key)))?;
                 let old = record.state;
-                f(&mut record).map_err(abort)?;
+                op.clone().apply(key, &mut record).map_err(abort)?;
                 if old != record.state {
                     let mut batch = tx_batch(batches, key.batch)?;
                     batch.counts.moved(Some(old), record.state);
@@ -584,14 +542,15 @@ impl Store {
         result.map_err(tx_err)
     }
 
-    pub fn row(&self, key: RowKey) -> Result<Option<RowRecord>, StoreError> {
+    /// A live row's record (`None` once it ended and left for the archive).
+    pub fn live_row(&self, key: RowKey) -> Result<Option<RowRecord>, StoreError> {
         match self.rows.get(row_key(key)).map_err(db_err)? {
             Some(v) => decode("row", &v).map(Some),
             None => Ok(None),
         }
     }
 
-    /// Rows in `state`, in batch and row order, at most `limit`.
+    /// Live rows in `state`, in batch and row order, at most `limit`.
     pub fn rows_in_state(
         &self,
         state: RowState,
@@ -604,7 +563,7 @@ impl Store {
             }
             let (k, _) = item.map_err(db_err)?;
             let key = parse_row_key(k.get(1..).unwrap_or_default())?;
-            match self.row(key)? {
+            match self.live_row(key)? {
                 Some(record) => out.push((key, record)),
                 None => return Err(StoreError::NoRow(key)),
             }
@@ -612,18 +571,211 @@ impl Store {
         Ok(out)
     }
 
-    /// Visits the records of a batch's claimed rows in row order.
-    pub fn for_each_row(
-        &self,
-        seq: BatchSeq,
-        mut f: impl FnMut(RowKey, RowRecord) -> Result<(), StoreError>,
-    ) -> Result<(), StoreError> {
+    /// How many rows are live in the database (claimed and not yet archived).
+    pub fn live_rows(&self) -> usize {
+        self.rows.len()
+    }
+
+    // ---- the archive ----
+
+    /// Moves up to `limit` ended rows from the database to the archive:
+    /// their final records are appended and synced first, then they leave
+    /// the database. Returns how many moved.
+    pub fn retire(&self, limit: usize) -> Result<usize, StoreError> {
+        let _one = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+        let mut moved = 0;
+        while moved < limit {
+            let mut ended: Vec<(RowKey, RowRecord)> = Vec::new();
+            for state in [RowState::Done, RowState::Failed] {
+                let room = RETIRE_CHUNK.min(limit - moved).saturating_sub(ended.len());
+                ended.extend(self.rows_in_state(state, room)?);
+            }
+            if ended.is_empty() {
+                break;
+            }
+            moved += self.retire_rows(&ended)?;
+        }
+        Ok(moved)
+    }
+
+    /// Retires every ended row of one batch still in the database.
+    fn retire_batch(&self, seq: BatchSeq) -> Result<(), StoreError> {
+        let mut ended = Vec::new();
         for item in self.rows.scan_prefix(seq.to_be_bytes()) {
             let (k, v) = item.map_err(db_err)?;
-            f(parse_row_key(&k)?, decode("row", &v)?)?;
+            let record: RowRecord = decode("row", &v)?;
+            if record.state.is_final() {
+                ended.push((parse_row_key(&k)?, record));
+            }
+        }
+        self.retire_rows(&ended).map(|_| ())
+    }
+
+    fn retire_rows(&self, ended: &[(RowKey, RowRecord)]) -> Result<usize, StoreError> {
+        let mut by_batch: BTreeMap<BatchSeq, Vec<(u64, &RowRecord)>> = BTreeMap::new();
+        for (key, record) in ended {
+            by_batch
+                .entry(key.batch)
+                .or_default()
+                .push((key.row, record));
+        }
+        for (seq, records) in by_batch {
+            crate::failpoint::hit("archive-before-append");
+            self.archive.append(seq, records)?;
+        }
+        crate::failpoint::hit("archive-before-remove");
+        let result = (&self.rows, &self.index).transaction(|(rows, index)| {
+            for (key, _) in ended {
+                // Only a final row leaves; anything else was changed since.
+                if let Some(record) = tx_row(rows, *key)?
+                    && record.state.is_final()
+                {
+                    rows.remove(&row_key(*key))?;
+                    index.remove(&index_key(record.state, *key))?;
+                }
+            }
+            Ok(())
+        });
+        result.map_err(tx_err)?;
+        Ok(ended.len())
+    }
+
+    /// Visits the final record of every ended row of batch `seq`, in row
+    /// order, after moving any still in the database to the archive. Rows
+    /// without one (never claimed, or live) are skipped.
+    pub fn for_each_final_row(
+        &self,
+        seq: BatchSeq,
+        mut f: impl FnMut(u64, RowRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let batch = self.batch(seq)?;
+        let offsets = {
+            let _one = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+            self.retire_batch(seq)?;
+            self.archive.index(seq, batch.total_rows)?
+        };
+        if offsets.iter().all(Option::is_none) {
+            return Ok(());
+        }
+        let mut reader = self.archive.reader(seq)?;
+        for (i, offset) in offsets.into_iter().enumerate() {
+            if let Some(offset) = offset {
+                f(i as u64 + 1, reader.at(offset)?)?;
+            }
         }
         Ok(())
     }
+
+    /// Every row of batch `seq` that has a record, live or ended, in row
+    /// order. Loads them all: for tests, tools and small batches.
+    pub fn batch_rows(&self, seq: BatchSeq) -> Result<Vec<(u64, RowRecord)>, StoreError> {
+        let mut rows: BTreeMap<u64, RowRecord> = BTreeMap::new();
+        self.for_each_final_row(seq, |row, r| {
+            rows.insert(row, r);
+            Ok(())
+        })?;
+        for item in self.rows.scan_prefix(seq.to_be_bytes()) {
+            let (k, v) = item.map_err(db_err)?;
+            rows.insert(parse_row_key(&k)?.row, decode("row", &v)?);
+        }
+        Ok(rows.into_iter().collect())
+    }
+
+    /// Queues failed rows of a batch again (all, or those whose fail code is
+    /// in `codes`), each for a new task; the batch becomes active again.
+    pub fn requeue_failed(
+        &self,
+        seq: BatchSeq,
+        codes: Option<&[String]>,
+    ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+        let mut chosen = Vec::new();
+        self.for_each_final_row(seq, |row, r| {
+            let code = r.fail_code.as_deref().unwrap_or("");
+            if r.state == RowState::Failed && codes.is_none_or(|c| c.iter().any(|c| c == code)) {
+                chosen.push((RowKey { batch: seq, row }, r));
+            }
+            Ok(())
+        })?;
+        let mut out = Vec::with_capacity(chosen.len());
+        for part in chosen.chunks(RETIRE_CHUNK) {
+            let result =
+                (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
+                    let mut batch = tx_batch(batches, seq)?;
+                    let mut done = Vec::with_capacity(part.len());
+                    for (key, archived) in part {
+                        if tx_row(rows, *key)?.is_some() {
+                            // Live again already (a retry raced this one).
+                            continue;
+                        }
+                        let mut record = archived.clone();
+                        Op::Retry.apply(*key, &mut record).map_err(abort)?;
+                        batch.counts.moved(Some(RowState::Failed), RowState::Queued);
+                        tx_put_row(rows, index, *key, None, &record)?;
+                        done.push((*key, record));
+                    }
+                    batch.cancelled = false;
+                    if !done.is_empty() {
+                        batch.phase = BatchPhase::Active;
+                        batch.finished_at_ms = None;
+                    }
+                    tx_put_batch(batches, &batch)?;
+                    Ok(done)
+                });
+            out.extend(result.map_err(tx_err)?);
+        }
+        if !out.is_empty() {
+            self.active_set().insert(seq);
+        }
+        Ok(out)
+    }
+
+    /// Ends never-claimed rows of a cancelled batch as `failed` (`CANCELLED`)
+    /// and moves its cursor to `next`: their records go straight to the
+    /// archive. Returns how many rows it ended.
+    pub fn cancel_unclaimed(
+        &self,
+        seq: BatchSeq,
+        rows: &[ManifestRow],
+        next: ReadPosition,
+        msg: &str,
+    ) -> Result<u64, StoreError> {
+        let batch = self.batch(seq)?;
+        let read = batch.cursor.map_or(0, |c| c.rows_read);
+        if !batch.cancelled {
+            return Err(StoreError::NotCancelled(batch.name));
+        }
+        let ended: Vec<(u64, RowRecord)> = rows
+            .iter()
+            .filter(|row| row.index > read)
+            .map(|row| {
+                let mut r = RowRecord::new(row.id.clone(), row.line, row.spec.clone());
+                r.state = RowState::Failed;
+                r.fail_code = Some(super::CANCELLED.into());
+                r.fail_msg = Some(msg.to_owned());
+                (row.index, r)
+            })
+            .collect();
+        {
+            let _one = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+            self.archive
+                .append(seq, ended.iter().map(|(row, r)| (*row, r)))?;
+        }
+        let n = ended.len() as u64;
+        let result = self.batches.transaction(|batches| {
+            let mut batch = tx_batch(batches, seq)?;
+            // Claims are refused once cancelled, so the cursor has not moved.
+            if batch.cursor.map_or(0, |c| c.rows_read) == read {
+                batch.cursor = Some(next);
+                batch.counts.failed += n;
+            }
+            tx_put_batch(batches, &batch)?;
+            Ok(())
+        });
+        result.map_err(tx_err)?;
+        Ok(n)
+    }
+
+    // ---- secrets, spend, ledger ----
 
     /// The secret in this daemon's callback URLs, made once and kept so that
     /// callbacks for tasks submitted before a restart are still accepted.
@@ -638,8 +790,6 @@ impl Store {
         self.flush_blocking()?;
         Ok(secret)
     }
-
-    // ---- spend ----
 
     /// What has been spent so far.
     pub fn spend(&self) -> Result<SpendTotals, StoreError> {
@@ -665,8 +815,6 @@ impl Store {
         result.map_err(tx_err)
     }
 
-    // ---- request ledger ----
-
     pub fn load_ledger(&self) -> Result<Vec<LedgerEntry>, StoreError> {
         match self.meta.get(KEY_LEDGER).map_err(db_err)? {
             Some(v) => decode("request ledger", &v),
@@ -680,13 +828,6 @@ impl Store {
             .map(|_| ())
             .map_err(db_err)
     }
-}
-
-fn tx_row(rows: &TransactionalTree, key: RowKey) -> TxResult<RowRecord> {
-    let bytes = rows
-        .get(row_key(key))?
-        .ok_or_else(|| abort(StoreError::NoRow(key)))?;
-    decode("row", &bytes).map_err(abort)
 }
 
 fn batch_in<'a>(

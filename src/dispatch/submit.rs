@@ -1,0 +1,402 @@
+//! The submit worker: queued rows become tasks while slots, the request
+//! budget, the spend cap and the pause allow.
+//!
+//! Rows are read ahead ([`Feed`]) from the rows queued again and from the
+//! active batches' manifests (by cursor), claimed in groups (marked
+//! `submitting` and flushed: the write-ahead mark), then each is sent by its
+//! own task ([`submit_row`]) that holds its slot until the poller takes it.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+use super::budget::Class;
+use super::poll::PollCmd;
+use super::{Engine, backoff, sleep_or_stop, spend};
+use crate::api::{ApiError, PauseReason, SubmitBody};
+use crate::ingest::Folders;
+use crate::manifest::RowReader;
+use crate::store::{BatchPhase, BatchSeq, Claim, Op, RowKey, RowRecord, RowState, Store, now_ms};
+use crate::supervisor::Beat;
+
+/// Most rows claimed (and flushed) together.
+const CLAIM_GROUP: usize = 32;
+
+/// The submit worker's own state; rebuilt from the store when it restarts.
+pub struct Submitter {
+    engine: Arc<Engine>,
+    beat: Beat,
+    feed: Feed,
+    failures: u32,
+}
+
+impl Submitter {
+    pub fn new(engine: Arc<Engine>, beat: Beat) -> Submitter {
+        Submitter {
+            engine,
+            beat,
+            feed: Feed::default(),
+            failures: 0,
+        }
+    }
+
+    /// Runs until the engine stops.
+    pub async fn run(mut self) {
+        let engine = self.engine.clone();
+        let mut cap = engine.spend_cap.subscribe();
+        loop {
+            self.beat.tick();
+            if engine.shutdown.is_cancelled() {
+                break;
+            }
+            if engine.paused() == Some(PauseReason::SpendCap) {
+                // Asking the API helps nothing here: only a new cap does.
+                let Some(changed) = self.beat.wait(&engine.shutdown, cap.changed()).await else {
+                    break;
+                };
+                if changed.is_err() {
+                    break;
+                }
+                if engine.pause.send_replace(None).is_some() {
+                    tracing::info!(cap_usd = ?*cap.borrow(), "spend cap changed; submission resumes");
+                }
+                continue;
+            }
+            let probing = engine.paused().is_some();
+            if probing {
+                // Paused: try one row now and then; its answer decides.
+                if !sleep_or_stop(&engine, engine.settings.pause_probe).await {
+                    break;
+                }
+                if engine.paused().is_none() {
+                    continue;
+                }
+            }
+            let Some(Ok(slot)) = self
+                .beat
+                .wait(&engine.shutdown, engine.slots.clone().acquire_owned())
+                .await
+            else {
+                break;
+            };
+            match self.fill().await {
+                Ok(0) => {
+                    drop(slot);
+                    engine.backlog.store(false, Ordering::Relaxed);
+                    let idle = tokio::time::timeout(Duration::from_secs(2), engine.work.notified());
+                    if self.beat.wait(&engine.shutdown, idle).await.is_none() {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(_) => {
+                    engine.backlog.store(true, Ordering::Relaxed);
+                    self.failures = 0;
+                }
+                Err(e) => {
+                    drop(slot);
+                    self.feed.reset();
+                    self.failures += 1;
+                    tracing::error!(error = %e, "cannot read queued rows; retrying");
+                    let wait = backoff(
+                        self.failures,
+                        Duration::from_millis(500),
+                        Duration::from_secs(30),
+                    );
+                    if !sleep_or_stop(&engine, wait).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            if self
+                .beat
+                .wait(&engine.shutdown, engine.budget.acquire(Class::Submit))
+                .await
+                .is_none()
+            {
+                break;
+            }
+            let mut group = vec![(slot, self.feed.pop())];
+            while !probing && group.len() < CLAIM_GROUP && !self.feed.is_empty() {
+                let Ok(slot) = engine.slots.clone().try_acquire_owned() else {
+                    break;
+                };
+                if !engine.budget.try_acquire() {
+                    break;
+                }
+                group.push((slot, self.feed.pop()));
+            }
+            let (group, outcomes) = spend::plan(&engine, &mut self.feed, group).await;
+            if group.is_empty() {
+                continue;
+            }
+            let e2 = engine.clone();
+            let claimed = tokio::task::spawn_blocking(move || {
+                let claims: Vec<Claim> = group.iter().map(|(_, c)| c.clone()).collect();
+                let claimed = e2.store.claim(&claims)?;
+                let send = spend::apply(&e2, group, claimed, outcomes)?;
+                // Without the write-ahead mark on disk nothing may be sent.
+                e2.store.flush_blocking()?;
+                Ok::<_, crate::store::StoreError>(send)
+            })
+            .await;
+            let send = match claimed {
+                Ok(Ok(send)) => send,
+                Ok(Err(e)) => {
+                    // Rows already marked stay `submitting`: the next start
+                    // queues them again.
+                    tracing::error!(error = %e, "cannot claim rows for submission; retrying");
+                    self.feed.reset();
+                    if !sleep_or_stop(&engine, Duration::from_secs(1)).await {
+                        break;
+                    }
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "claiming rows panicked; retrying");
+                    self.feed.reset();
+                    continue;
+                }
+            };
+            for (slot, key, record) in send {
+                if probing {
+                    submit_row(engine.clone(), key, record, slot).await;
+                } else {
+                    engine
+                        .tracker
+                        .spawn(submit_row(engine.clone(), key, record, slot));
+                }
+            }
+        }
+    }
+
+    /// Reads ahead up to a group of rows, on a blocking thread (sled and the
+    /// manifests are read there).
+    async fn fill(&mut self) -> Result<usize, FeedError> {
+        let mut feed = std::mem::take(&mut self.feed);
+        let store = self.engine.store.clone();
+        let folders = self.engine.folders.clone();
+        let (feed, filled) = tokio::task::spawn_blocking(move || {
+            let filled = feed.fill(&store, &folders, CLAIM_GROUP);
+            (feed, filled)
+        })
+        .await
+        .map_err(|e| FeedError::Store(e.into()))?;
+        self.feed = feed;
+        filled
+    }
+}
+
+/// Rows read ahead from the store and the manifests, not yet claimed.
+#[derive(Default)]
+pub(super) struct Feed {
+    pending: VecDeque<Claim>,
+    readers: HashMap<BatchSeq, RowReader>,
+    queued_keys: HashSet<RowKey>,
+}
+
+impl Feed {
+    fn is_empty(&self) -> bool {
+        self.pending.is_empty()
+    }
+
+    /// Puts claims taken but not used back at the front, in order.
+    pub(super) fn unpop(&mut self, claims: Vec<Claim>) {
+        for claim in claims.into_iter().rev() {
+            if let Claim::Again(key) = &claim {
+                self.queued_keys.insert(*key);
+            }
+            self.pending.push_front(claim);
+        }
+    }
+
+    fn pop(&mut self) -> Option<Claim> {
+        let claim = self.pending.pop_front();
+        if let Some(Claim::Again(key)) = &claim {
+            self.queued_keys.remove(key);
+        }
+        claim
+    }
+
+    /// Forgets read-ahead rows (after an error the cursors in the store are the truth).
+    fn reset(&mut self) {
+        self.pending.clear();
+        self.readers.clear();
+        self.queued_keys.clear();
+    }
+
+    /// Reads ahead up to `want` rows; returns how many are pending.
+    fn fill(&mut self, store: &Store, folders: &Folders, want: usize) -> Result<usize, FeedError> {
+        if self.pending.len() >= want {
+            return Ok(self.pending.len());
+        }
+        // Rows queued again come first: they have waited longest.
+        for (key, _) in store.rows_in_state(RowState::Queued, want)? {
+            if self.queued_keys.insert(key) {
+                self.pending.push_back(Claim::Again(key));
+            }
+        }
+        if self.pending.len() >= want {
+            return Ok(self.pending.len());
+        }
+        let active = store.active_batches()?;
+        self.readers
+            .retain(|seq, _| active.iter().any(|b| b.seq == *seq));
+        for batch in active {
+            if batch.phase != BatchPhase::Active || batch.unclaimed() == 0 || batch.cancelled {
+                self.readers.remove(&batch.seq);
+                continue;
+            }
+            let reader = match self.readers.entry(batch.seq) {
+                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    let path = folders.manifest_of(&batch.name);
+                    v.insert(RowReader::open(&path, batch.cursor)?)
+                }
+            };
+            while self.pending.len() < want {
+                match reader.next_row()? {
+                    Some((row, next)) => self.pending.push_back(Claim::Fresh {
+                        batch: batch.seq,
+                        row,
+                        next,
+                    }),
+                    None => break,
+                }
+            }
+            if self.pending.len() >= want {
+                break;
+            }
+        }
+        Ok(self.pending.len())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(super) enum FeedError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Manifest(#[from] crate::manifest::ManifestError),
+}
+
+/// Submits one claimed row until the API answers for it.
+async fn submit_row(
+    engine: Arc<Engine>,
+    key: RowKey,
+    record: RowRecord,
+    slot: OwnedSemaphorePermit,
+) {
+    let batch = engine.batch_name(key.batch);
+    let body = SubmitBody::new(
+        &record.spec,
+        &engine.settings.defaults,
+        engine.callback_url.as_deref(),
+    );
+    let mut attempt = 0u32;
+    loop {
+        if attempt > 0 {
+            tokio::select! {
+                () = engine.budget.acquire(Class::Submit) => {}
+                // The row stays `submitting`; the next start resubmits it.
+                () = engine.shutdown.cancelled() => return,
+            }
+        }
+        attempt += 1;
+        match engine.api.submit(&body).await {
+            Ok(task_id) => {
+                engine.metrics.request("submit", "ok");
+                engine.metrics.tasks_submitted.inc();
+                engine.clear_pause();
+                let submitted_at_ms = now_ms();
+                let op = Op::TaskCreated {
+                    task_id: task_id.clone(),
+                    at_ms: submitted_at_ms,
+                };
+                let saved = engine
+                    .store
+                    .call(move |s| {
+                        s.apply(key, op)?;
+                        s.flush_blocking()
+                    })
+                    .await;
+                if let Err(e) = saved {
+                    tracing::error!(batch = %batch, row = %record.id, task_id, error = %e, "cannot record the task id");
+                }
+                tracing::info!(batch = %batch, row = %record.id, task_id, "submitted");
+                let _ = engine.poller.send(PollCmd::Track {
+                    key,
+                    task_id,
+                    submitted_at_ms,
+                    audio_seconds: record.audio_seconds,
+                    slot: Some(slot),
+                });
+                return;
+            }
+            Err(e) => {
+                if let Some(reason) = e.pause_reason() {
+                    engine.metrics.request("submit", "paused");
+                    engine.set_pause(reason);
+                    unsent(&engine, key, &record, &batch).await;
+                    return;
+                }
+                if e.is_rate_limit() {
+                    engine.metrics.request("submit", "rate_limited");
+                    engine.metrics.rate_limited.inc();
+                    let wait = e.retry_after().unwrap_or(Duration::from_secs(2));
+                    engine.budget.hold(wait);
+                    tracing::warn!(batch = %batch, row = %record.id, wait = ?wait, "rate limited (429) on submit; waiting");
+                    continue;
+                }
+                if e.is_transient() {
+                    engine.metrics.request("submit", "transient");
+                    let wait =
+                        backoff(attempt, Duration::from_millis(500), Duration::from_secs(60));
+                    tracing::warn!(batch = %batch, row = %record.id, error = %e, retry_in = ?wait, "submit failed; retrying");
+                    if !sleep_or_stop(&engine, wait).await {
+                        return;
+                    }
+                    continue;
+                }
+                engine.metrics.request("submit", "refused");
+                refund(&engine, &record).await;
+                let msg = match &e {
+                    ApiError::Refused { message, .. } => message.clone(),
+                    other => other.to_string(),
+                };
+                if let Err(se) = engine
+                    .fail_row(key, RowState::Submitting, &e.fail_code(), &msg)
+                    .await
+                {
+                    tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record a refused row");
+                }
+                return;
+            }
+        }
+    }
+}
+
+/// A row that went back without a task costs nothing.
+async fn refund(engine: &Engine, record: &RowRecord) {
+    let usd = spend::counted_cost(engine, record);
+    let seconds = record.audio_seconds.unwrap_or(0.0);
+    if let Err(e) = engine
+        .store
+        .call(move |s| s.add_spend(-usd, -seconds))
+        .await
+    {
+        tracing::error!(row = %record.id, error = %e, "cannot refund a row's cost");
+    }
+}
+
+/// Puts a row that was not sent back in the queue, refunded.
+async fn unsent(engine: &Engine, key: RowKey, record: &RowRecord, batch: &str) {
+    refund(engine, record).await;
+    if let Err(e) = engine.apply(key, Op::Unsent).await {
+        tracing::error!(batch, row = %record.id, error = %e, "cannot queue a row again");
+    }
+}
