@@ -39,7 +39,7 @@ mod test_support;
 pub use reader::RowReader;
 
 use record::RecordParser;
-use rules::{Columns, IdSet, Known, check_row, quoted};
+use rules::{Columns, IdSet, check_row};
 
 /// One problem found in a manifest, printed as `line N: column C: what is wrong`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,23 +182,7 @@ pub fn validate_path(path: &Path) -> Result<Summary, ManifestError> {
         }
         rows += 1;
         let checked = check_row(&columns, &record, rows, &mut problems);
-        if let Some(id) = &checked.id
-            && let Some(first) = ids.first_line_or_insert(id, record.line)
-        {
-            let message = if checked.id_defaulted {
-                format!(
-                    "the default id {} (this row's number) is already the id of the row on \
-                     line {first}; ids must be unique",
-                    quoted(id)
-                )
-            } else {
-                format!(
-                    "{} is already the id of the row on line {first}; ids must be unique",
-                    quoted(id)
-                )
-            };
-            problems.push(record.line, Known::Id.name(), message);
-        }
+        ids.check_unique(&checked, record.line, &mut problems);
         if let Some(row) = checked.row {
             *by_resolution.entry(row.resolution).or_default() += 1;
         }

@@ -18,7 +18,7 @@ use crate::spec::{MAX_SEED, Provider, Resolution};
 
 /// The columns the contract knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Known {
+enum Known {
     Id,
     ImageUrl,
     AudioUrl,
@@ -41,7 +41,7 @@ impl Known {
         Known::Provider,
     ];
 
-    pub(super) fn name(self) -> &'static str {
+    fn name(self) -> &'static str {
         match self {
             Known::Id => "id",
             Known::ImageUrl => "image_url",
@@ -177,7 +177,7 @@ pub(super) struct Checked<'a> {
     /// The row's id (defaulted when blank) when it is a valid id, for the
     /// uniqueness check.
     pub(super) id: Option<Cow<'a, str>>,
-    pub(super) id_defaulted: bool,
+    id_defaulted: bool,
     /// The row, when it broke no rule.
     pub(super) row: Option<RowView<'a>>,
 }
@@ -419,7 +419,7 @@ fn cells(n: usize) -> String {
 }
 
 /// `text` quoted for a message, cut short when long.
-pub(super) fn quoted(text: &str) -> String {
+fn quoted(text: &str) -> String {
     const MAX_CHARS: usize = 60;
     match text.char_indices().nth(MAX_CHARS) {
         None => format!("{text:?}"),
@@ -489,8 +489,35 @@ impl IdSet {
         }
     }
 
+    /// Records the id of a row checked on `line`, or reports it when an
+    /// earlier row has it already.
+    pub(super) fn check_unique(
+        &mut self,
+        checked: &Checked<'_>,
+        line: u64,
+        problems: &mut Problems,
+    ) {
+        if let Some(id) = &checked.id
+            && let Some(first) = self.first_line_or_insert(id, line)
+        {
+            let message = if checked.id_defaulted {
+                format!(
+                    "the default id {} (this row's number) is already the id of the row on \
+                     line {first}; ids must be unique",
+                    quoted(id)
+                )
+            } else {
+                format!(
+                    "{} is already the id of the row on line {first}; ids must be unique",
+                    quoted(id)
+                )
+            };
+            problems.push(line, Known::Id.name(), message);
+        }
+    }
+
     /// The line where `id` was first seen; records it at `line` if new.
-    pub(super) fn first_line_or_insert(&mut self, id: &str, line: u64) -> Option<u64> {
+    fn first_line_or_insert(&mut self, id: &str, line: u64) -> Option<u64> {
         let slot = IdSlot {
             hash: self.keys[0].hash_one(id),
             tail: (self.keys[1].hash_one(id) & !LINE_MASK) | line.min(LINE_MASK),
