@@ -59,10 +59,7 @@ pub struct DaemonArgs {
 pub struct RetryArgs {
     /// The batch (its folder name under the outbox).
     pub batch: String,
-    /// Retry failed rows (the default selection).
-    #[arg(long)]
-    pub failed: bool,
-    /// Only rows failed with these fail codes (comma-separated).
+    /// Only rows failed with these fail codes (comma-separated); all failed rows without it.
     #[arg(long, value_name = "C,...", value_delimiter = ',')]
     pub codes: Option<Vec<String>>,
     #[command(flatten)]

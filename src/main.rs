@@ -63,13 +63,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// Threads for blocking calls (sled, files); they queue beyond this.
+const MAX_BLOCKING_THREADS: usize = 8;
+
 fn runtime<F, Fut>(f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
 {
+    // Store calls and file I/O run on the blocking pool. Left at tokio's
+    // default (512) it grew to hundreds of threads under load, each with its
+    // own stack and allocator arena: 190 MB of RSS where 30 would do.
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt.block_on(f()),
