@@ -90,6 +90,10 @@ pub struct FileSettings {
     /// How long after a task finished its download is retried before the row fails.
     #[serde(default, alias = "download_give_up", with = "humantime_serde")]
     pub download_give_up: Option<Duration>,
+    /// How long the API may answer "no such task" about a running task
+    /// before the row is settled (failed `TASK_NOT_FOUND`).
+    #[serde(default, alias = "task_lost_after", with = "humantime_serde")]
+    pub task_lost_after: Option<Duration>,
     /// Downloads running at once.
     #[serde(alias = "max_downloads")]
     pub max_downloads: Option<u32>,
@@ -160,6 +164,7 @@ pub struct Settings {
     pub retry_fail_codes: Vec<String>,
     pub max_resubmits: u32,
     pub download_give_up: Duration,
+    pub task_lost_after: Duration,
     pub max_downloads: u32,
     pub pause_probe: Duration,
     /// Probe each row's audio before submitting it.
@@ -365,6 +370,7 @@ impl Settings {
             download_give_up: file
                 .download_give_up
                 .unwrap_or(Duration::from_secs(15 * 24 * 3600)),
+            task_lost_after: file.task_lost_after.unwrap_or(Duration::from_secs(30 * 60)),
             max_downloads,
             pause_probe: args
                 .pause_probe

@@ -603,7 +603,7 @@ async fn api_key_never_logged() {
 // ---------------------------------------------------------------- config
 
 /// Every key of `FileSettings`, as the example config must show it.
-const FILE_KEYS: [&str; 24] = [
+const FILE_KEYS: [&str; 25] = [
     "inbox",
     "outbox",
     "state",
@@ -626,6 +626,7 @@ const FILE_KEYS: [&str; 24] = [
     "retry-fail-codes",
     "max-resubmits",
     "download-give-up",
+    "task-lost-after",
     "max-downloads",
     "pause-probe",
 ];

@@ -24,6 +24,10 @@ use crate::supervisor::Beat;
 const POLL_ERROR_BACKOFF_CAP: Duration = Duration::from_secs(60);
 /// Status requests on the wire at once.
 const POLLS_IN_FLIGHT: usize = 64;
+/// "No such task" answers about one task before its row may be settled.
+const LOST_ANSWERS: u32 = 5;
+/// Fail code of a row whose task the API no longer knows.
+pub const TASK_NOT_FOUND: &str = "TASK_NOT_FOUND";
 /// The first tasks followed ("scouts") are polled at growing intervals; the
 /// others wait until all of them have ended and the model has started.
 const SCOUTS: usize = 8;
@@ -53,6 +57,15 @@ struct Tracked {
     polls: u32,
     errors: u32,
     last_poll: Option<Instant>,
+    /// "No such task" answers in a row, and since when.
+    lost: Lost,
+}
+
+/// How long the API has been saying it does not know a task.
+#[derive(Debug, Clone, Copy, Default)]
+struct Lost {
+    answers: u32,
+    since: Option<Instant>,
 }
 
 enum PollResult {
@@ -65,6 +78,8 @@ enum PollResult {
     Ended { took: Duration },
     /// The row is no longer ours to poll (state changed elsewhere).
     Dropped,
+    /// The API says it has no such task (not yet long enough to settle).
+    NotFound,
 }
 
 /// The poll worker's state: the tasks followed, when each is due, and the
@@ -224,6 +239,7 @@ impl Poller {
             polls: 0,
             errors: 0,
             last_poll: None,
+            lost: Lost::default(),
         };
         if !self.callback_mode
             && !self.model.is_trained()
@@ -309,11 +325,27 @@ impl Poller {
 
     fn answered(&mut self, key: RowKey, result: PollResult) {
         match result {
+            PollResult::NotFound => {
+                if let Some(t) = self.tasks.get_mut(&key) {
+                    t.lost.answers += 1;
+                    t.lost.since.get_or_insert_with(Instant::now);
+                }
+                self.answered(
+                    key,
+                    PollResult::Again {
+                        errors: true,
+                        wait: None,
+                    },
+                );
+            }
             PollResult::Again { errors, wait } => {
                 let settings = self.engine.settings.clone();
                 let Some(t) = self.tasks.get_mut(&key) else {
                     return;
                 };
+                if !errors {
+                    t.lost = Lost::default();
+                }
                 t.errors = if errors { t.errors + 1 } else { 0 };
                 let delay = match wait {
                     Some(w) => w,
@@ -376,12 +408,13 @@ impl Poller {
             t.last_poll = Some(now);
             let task_id = t.task_id.clone();
             let submitted = t.submitted;
+            let lost = t.lost;
             let engine = self.engine.clone();
             let wire = self.wire.clone();
             let tx = done_tx.clone();
             self.engine.tracker.spawn(async move {
                 let result = tokio::select! {
-                    r = poll_task(&engine, &wire, key, &task_id, submitted) => r,
+                    r = poll_task(&engine, &wire, key, &task_id, submitted, lost) => r,
                     () = engine.shutdown.cancelled() => return,
                 };
                 let _ = tx.send((key, result));
@@ -424,6 +457,7 @@ async fn poll_task(
     key: RowKey,
     task_id: &str,
     submitted: Instant,
+    lost: Lost,
 ) -> PollResult {
     let Ok(_permit) = wire.acquire().await else {
         return PollResult::Dropped;
@@ -431,6 +465,10 @@ async fn poll_task(
     engine.budget.acquire(Class::Poll).await;
     let status = match engine.api.status(task_id).await {
         Ok(status) => status,
+        Err(ApiError::Refused { status: 404, .. }) => {
+            engine.metrics.request("status", "not_found");
+            return task_not_found(engine, key, task_id, lost).await;
+        }
         Err(e) => return poll_error(engine, key, task_id, &e),
     };
     engine.metrics.request("status", "ok");
@@ -468,6 +506,57 @@ async fn poll_task(
                     }
                 }
             }
+        }
+    }
+}
+
+/// The API says it has no such task. A task it accepted can vanish (a
+/// service-side loss, or the in-process simulator's restart): after
+/// [`LOST_ANSWERS`] such answers over `task-lost-after`, the row is settled
+/// instead of being polled for ever: failed `TASK_NOT_FOUND`, or under
+/// `--simulate` (nothing was paid) queued again for a new task.
+async fn task_not_found(
+    engine: &Arc<Engine>,
+    key: RowKey,
+    task_id: &str,
+    lost: Lost,
+) -> PollResult {
+    let answers = lost.answers + 1;
+    let waited = lost.since.map_or(Duration::ZERO, |s| s.elapsed());
+    let batch = engine.batch_name(key.batch);
+    if answers < LOST_ANSWERS || waited < engine.settings.task_lost_after {
+        tracing::warn!(batch = %batch, task_id, answers, "the API says it has no such task; will ask again");
+        return PollResult::NotFound;
+    }
+    let msg = format!(
+        "the API answered {answers} times over {} that it has no task {task_id}",
+        humantime::format_duration(Duration::from_secs(waited.as_secs()))
+    );
+    let op = if engine.settings.simulate {
+        Op::Resubmit {
+            task_id: task_id.to_owned(),
+            code: TASK_NOT_FOUND.into(),
+            msg: msg.clone(),
+            counted: false,
+        }
+    } else {
+        Op::TaskFailed {
+            task_id: task_id.to_owned(),
+            code: TASK_NOT_FOUND.into(),
+            msg: msg.clone(),
+        }
+    };
+    match engine.apply(key, op).await {
+        Ok(record) => {
+            tracing::warn!(batch = %batch, row = %record.id, task_id, code = TASK_NOT_FOUND, msg, state = record.state.as_str(), "task lost by the API; row settled");
+            PollResult::Dropped
+        }
+        Err(
+            StoreError::WrongState { .. } | StoreError::StaleTask { .. } | StoreError::NoRow(_),
+        ) => PollResult::Dropped,
+        Err(e) => {
+            tracing::error!(batch = %batch, task_id, error = %e, "cannot settle a lost task; will ask again");
+            PollResult::NotFound
         }
     }
 }
