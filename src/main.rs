@@ -89,7 +89,11 @@ where
 fn init_logging(format: LogFormat, journal: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a terminal: in the journal or a file the escape codes
+    // would be noise, and would break `grep 'batch=NAME'`.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = if journal {
         let builder = builder.with_writer(JournalStderr).without_time();
         match format {
