@@ -84,7 +84,7 @@ impl Clock {
         }
     }
 
-    fn to_wall(self, t: Instant) -> u64 {
+    fn wall_ms(self, t: Instant) -> u64 {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         if t >= self.now {
             self.now_ms.saturating_add(ms(t - self.now))
@@ -93,7 +93,7 @@ impl Clock {
         }
     }
 
-    fn from_wall(self, ms: u64) -> Instant {
+    fn instant_at(self, ms: u64) -> Instant {
         if ms >= self.now_ms {
             self.now + Duration::from_millis(ms - self.now_ms)
         } else {
@@ -114,17 +114,17 @@ impl Task {
             audio_url: self.audio_url.clone(),
             callback_url: self.callback_url.clone(),
             created_ms: self.created_ms,
-            processing_ms: clock.to_wall(self.processing_at),
-            ends_ms: clock.to_wall(self.ends_at),
+            processing_ms: clock.wall_ms(self.processing_at),
+            ends_ms: clock.wall_ms(self.ends_at),
             outcome: self.outcome.clone(),
         }
     }
 
     fn from_saved(t: SavedTask, clock: Clock) -> Task {
         Task {
-            created: clock.from_wall(t.created_ms),
-            processing_at: clock.from_wall(t.processing_ms),
-            ends_at: clock.from_wall(t.ends_ms),
+            created: clock.instant_at(t.created_ms),
+            processing_at: clock.instant_at(t.processing_ms),
+            ends_at: clock.instant_at(t.ends_ms),
             id: t.id,
             image_urls: t.image_urls,
             audio_url: t.audio_url,
