@@ -14,9 +14,10 @@
 //! newest [`MAX_TASKS`] are dropped, and the rest is rewritten atomically
 //! (temporary file, fsync, rename).
 //!
-//! It must never fsync on the submit path: what `write` took survives a
-//! killed process, which is the failure this file is for; against power loss
-//! a simulator promises nothing.
+//! It must never fsync on every submit: what `write` took survives a killed
+//! process, which is the failure this file is for, and against power loss a
+//! simulator promises nothing. Only a compaction (once per [`COMPACT_MIN`]
+//! appends at most) syncs, as any atomic rewrite does.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufRead, Write};
