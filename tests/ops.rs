@@ -161,6 +161,47 @@ async fn sd_notify_ready_status_watchdog_stopping() {
     assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
 }
 
+/// Under the shipped units' WatchdogSec=60 (a ping every 30 s), STATUS= still
+/// comes every few seconds, so that `systemctl status` follows a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_refreshed_every_few_seconds() {
+    let dirs = Dirs::new();
+    let sock_path = dirs.root.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let sock_env = sock_path.to_str().expect("utf-8 path").to_owned();
+    let mut daemon = spawn_with_env(
+        &dirs,
+        "http://127.0.0.1:9",
+        free_addr(),
+        &[],
+        0,
+        &[("NOTIFY_SOCKET", &sock_env), ("WATCHDOG_USEC", "60000000")],
+    );
+    let mut buf = vec![0u8; 4096];
+    let mut statuses = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && statuses.len() < 3 {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.lines().any(|l| l.starts_with("STATUS=")) {
+                statuses.push(Instant::now());
+            }
+        }
+    }
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+    assert_eq!(
+        statuses.len(),
+        3,
+        "STATUS= datagrams in 30 s: {}",
+        statuses.len()
+    );
+    let gap = statuses[2].duration_since(statuses[1]);
+    assert!(gap <= Duration::from_secs(8), "STATUS= every {gap:?}");
+}
+
 // ---------------------------------------------------------------- metrics and status
 
 fn value(v: &prometheus_parse::Value) -> f64 {
