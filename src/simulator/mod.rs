@@ -406,7 +406,7 @@ async fn bind(
             Err(e) => tracing::warn!(
                 port = prev.port(),
                 error = %e,
-                "simulator: its previous port is taken; result URLs given out before the restart will not reach it (fresh ones come with each status query)"
+                "simulator: its previous port is taken; result URLs given out before the restart point at that port and will fail (status queries give new ones)"
             ),
         }
     }
