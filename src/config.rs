@@ -44,6 +44,20 @@ pub enum ConfigError {
          built-in simulator with --simulate"
     )]
     NoKey,
+    /// No key, under systemd: the credential the unit loads is empty or
+    /// absent (the shipped units fall back to an empty one, so that this
+    /// line, not systemd's `243/CREDENTIALS`, tells the operator what to do).
+    #[error(
+        "no API key: give one with --api-key-file FILE, the APIXO_API_KEY environment \
+         variable, or the systemd credential {CREDENTIAL_NAME}, which is empty here \
+         ({}): put the key, one line, in the file the unit's LoadCredential={CREDENTIAL_NAME}:… \
+         names (shipped units: /etc/infinitetalk-batch/api-key for infinitetalk-batch.service, \
+         /etc/infinitetalk-batch/NAME.api-key for infinitetalk-batch@NAME.service), mode 0600 \
+         owned by root, then systemctl restart the unit; or run against the built-in \
+         simulator with --simulate",
+        .dir.join(CREDENTIAL_NAME).display()
+    )]
+    NoKeyCredential { dir: PathBuf },
 }
 
 /// The settings as they may appear in the TOML file. Keys are the flag names,
@@ -230,7 +244,10 @@ impl Settings {
         let key_file = args.api_key_file.clone().or(file.api_key_file);
         let api_key = read_key(key_file.as_deref(), env)?;
         if api_key.is_none() && !simulate {
-            return Err(ConfigError::NoKey);
+            return Err(match &env.credentials_directory {
+                Some(dir) => ConfigError::NoKeyCredential { dir: dir.clone() },
+                None => ConfigError::NoKey,
+            });
         }
 
         let max_concurrent = args.max_concurrent.or(file.max_concurrent).unwrap_or(1000);
@@ -471,6 +488,32 @@ mod tests {
             text.contains("--api-key-file") && text.contains("--simulate"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_empty_systemd_credential_says_what_to_create_where() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // What the shipped units' SetCredential= fallback leaves when the key
+        // file is missing: a credential holding only a newline.
+        std::fs::write(dir.path().join(CREDENTIAL_NAME), "\n").expect("credential");
+        let env = Environment {
+            credentials_directory: Some(dir.path().to_owned()),
+            ..Environment::default()
+        };
+        let err = Settings::merge(&args(), FileSettings::default(), &env)
+            .expect_err("an empty credential is no key");
+        let text = err.to_string();
+        assert!(text.starts_with("no API key: give one with"), "{text}");
+        assert!(
+            text.contains("/etc/infinitetalk-batch/api-key")
+                && text.contains("/etc/infinitetalk-batch/NAME.api-key")
+                && text.contains("--simulate")
+                && !text.contains('\n'),
+            "{text}"
+        );
+        let mut sim = args();
+        sim.simulate = true;
+        assert!(Settings::merge(&sim, FileSettings::default(), &env).is_ok());
     }
 
     #[test]

@@ -62,6 +62,16 @@ fn random_secret() -> String {
 /// Binds `--listen` and runs the daemon until `shutdown` is cancelled, then
 /// stops gracefully.
 pub async fn run(settings: Settings, shutdown: CancellationToken) -> Result<(), DaemonError> {
+    tracing::info!(
+        version = env!("CARGO_PKG_VERSION"), listen = %settings.listen,
+        state = %settings.state.display(), "starting"
+    );
+    // Said before anything can fail.
+    if settings.simulate {
+        tracing::warn!(
+            "SIMULATED RUN (--simulate): no API key is used and nothing is paid; tasks go to the built-in simulator, videos are test patterns, and results.csv marks them simulated"
+        );
+    }
     let listener =
         std::net::TcpListener::bind(settings.listen).map_err(|source| DaemonError::Listen {
             addr: settings.listen,
@@ -78,11 +88,6 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
-    if settings.simulate {
-        tracing::warn!(
-            "SIMULATED RUN (--simulate): no API key is used and nothing is paid; tasks go to the built-in simulator, videos are test patterns, and results.csv marks them simulated"
-        );
-    }
     let settings = Arc::new(settings);
     for dir in [&settings.inbox, &settings.outbox] {
         std::fs::create_dir_all(dir).map_err(|source| DaemonError::Folder {
@@ -132,12 +137,7 @@ pub async fn serve(
     let engine_stop = CancellationToken::new();
     let sim_stop = CancellationToken::new();
     let (api_base, key, sim) = if settings.simulate {
-        let sim = simulator::start(
-            std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-            simulator::SimArgs::default(),
-            sim_stop.clone(),
-        )
-        .await?;
+        let sim = simulator::start_in_process(&settings.state, sim_stop.clone()).await?;
         tracing::info!(simulator = %sim.base_url(), "built-in simulator serving");
         (sim.base_url(), ApiKey::new("simulated"), Some(sim))
     } else {
@@ -437,13 +437,16 @@ async fn save_ledger_loop(engine: Arc<Engine>, beat: Beat) {
 /// every second), so a wedged engine gets restarted rather than kept alive
 /// by this timer.
 async fn heartbeat_loop(engine: Arc<Engine>, health: Arc<Health>) {
+    // STATUS= goes out every few seconds whatever the watchdog's interval, so
+    // `systemctl status` follows a batch closely (WatchdogSec=60 alone would
+    // refresh it only every 30 s).
+    const STATUS_EVERY: Duration = Duration::from_secs(5);
     let watchdog = sd_notify::watchdog_enabled();
-    let every = match watchdog {
-        Some(interval) => (interval / 2).max(Duration::from_millis(100)),
-        None => Duration::from_secs(5),
-    };
-    // Workers stamp every second; allow for a busy machine.
-    let fresh = every.max(Duration::from_secs(3));
+    let ping = watchdog.map(|interval| (interval / 2).max(Duration::from_millis(100)));
+    let every = ping.map_or(STATUS_EVERY, |p| p.min(STATUS_EVERY));
+    // Workers stamp every second; allow for a busy machine. Judged against
+    // the watchdog's own pace, not the faster STATUS= tick.
+    let fresh = ping.unwrap_or(every).max(Duration::from_secs(3));
     let mut stalled = false;
     let mut tick = tokio::time::interval(every);
     loop {

@@ -22,14 +22,18 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Run(args) => {
             limit_malloc_arenas();
+            let journal = stderr_is_journal();
             let settings = match Settings::resolve(&args, &Environment::from_process()) {
                 Ok(s) => s,
                 Err(e) => {
-                    eprintln!("infinitetalk-batch: {e}");
+                    // Logging is not set up yet: mark the line an error for
+                    // the journal by hand (`journalctl -p err` finds it).
+                    let prefix = if journal { "<3>" } else { "" };
+                    eprintln!("{prefix}infinitetalk-batch: {e}");
                     return ExitCode::from(EXIT_CONFIG);
                 }
             };
-            init_logging(settings.log_format);
+            init_logging(settings.log_format, journal);
             runtime(|| async move {
                 let shutdown = CancellationToken::new();
                 let signals = tokio::spawn(watch_signals(shutdown.clone()));
@@ -53,7 +57,7 @@ fn main() -> ExitCode {
         Command::Cancel(args) => runtime(|| manage_batch(args.daemon, args.batch, None)),
         Command::Console(args) => runtime(|| console(args)),
         Command::Simulate(args) => {
-            init_logging(LogFormat::Text);
+            init_logging(LogFormat::Text, stderr_is_journal());
             runtime(|| async move {
                 match simulator::run_standalone(args.listen, args.sim).await {
                     Ok(()) => ExitCode::SUCCESS,
@@ -113,16 +117,122 @@ where
     }
 }
 
-fn init_logging(format: LogFormat) {
+/// Logs to stderr; when stderr is the systemd journal, each line carries its
+/// syslog priority and no time stamp (journald stamps every line itself).
+fn init_logging(format: LogFormat, journal: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Colours only for a terminal: in the journal or a file the escape codes
+    // would be noise, and would break `grep 'batch=NAME'`.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    let _ = if journal {
+        let builder = builder.with_writer(JournalStderr).without_time();
+        match format {
+            LogFormat::Text => builder.try_init(),
+            LogFormat::Json => builder.json().try_init(),
+        }
+    } else {
+        let builder = builder.with_writer(std::io::stderr);
+        match format {
+            LogFormat::Text => builder.try_init(),
+            LogFormat::Json => builder.json().try_init(),
+        }
     };
+}
+
+/// Whether stderr is connected to the systemd journal.
+///
+/// systemd sets `JOURNAL_STREAM=DEVICE:INODE` for the stream it connected;
+/// the variable alone is not enough, since a child whose stderr was
+/// redirected elsewhere inherits it too (systemd.exec(5), `$JOURNAL_STREAM`).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    // A duplicate of the descriptor, so that dropping the File leaves fd 2 open.
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
+/// The syslog priority prefix journald reads off the start of a stream line
+/// (sd-daemon(3)): without it every line lands at the stream's default, info,
+/// and `journalctl -p warning` would show none of our warnings.
+fn priority_prefix(level: &tracing::Level) -> &'static [u8] {
+    match *level {
+        tracing::Level::ERROR => b"<3>",
+        tracing::Level::WARN => b"<4>",
+        tracing::Level::INFO => b"<6>",
+        tracing::Level::DEBUG | tracing::Level::TRACE => b"<7>",
+    }
+}
+
+/// Makes a stderr writer per log event that prefixes the event's priority.
+struct JournalStderr;
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for JournalStderr {
+    type Writer = PriorityLines<std::io::Stderr>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        PriorityLines::new(std::io::stderr(), b"<6>")
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        PriorityLines::new(std::io::stderr(), priority_prefix(meta.level()))
+    }
+}
+
+/// Writes through to `inner`, putting `prefix` at the start of every line:
+/// a message that spans lines (an error's source chain, a JSON field with a
+/// newline) keeps its priority on each journal entry it becomes.
+struct PriorityLines<W> {
+    inner: W,
+    prefix: &'static [u8],
+    at_line_start: bool,
+}
+
+impl<W> PriorityLines<W> {
+    fn new(inner: W, prefix: &'static [u8]) -> Self {
+        Self {
+            inner,
+            prefix,
+            at_line_start: true,
+        }
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for PriorityLines<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let mut out = Vec::with_capacity(buf.len() + 2 * self.prefix.len());
+        for piece in buf.split_inclusive(|b| *b == b'\n') {
+            if self.at_line_start {
+                out.extend_from_slice(self.prefix);
+            }
+            out.extend_from_slice(piece);
+            self.at_line_start = piece.ends_with(b"\n");
+        }
+        // One write for the whole event, so that lines of concurrent events
+        // do not interleave.
+        self.inner.write_all(&out)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 /// SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
@@ -580,4 +690,36 @@ fn print_report(report: &status::Report, json: bool) -> ExitCode {
         print!("{}", status::render(report));
     }
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn every_line_of_an_event_carries_its_priority() {
+        let mut w = PriorityLines::new(Vec::new(), priority_prefix(&tracing::Level::WARN));
+        w.write_all(b"WARN first\n  caused by: second\n")
+            .expect("write");
+        assert_eq!(w.inner, b"<4>WARN first\n<4>  caused by: second\n");
+    }
+
+    #[test]
+    fn a_line_written_in_pieces_is_prefixed_once() {
+        let mut w = PriorityLines::new(Vec::new(), priority_prefix(&tracing::Level::ERROR));
+        w.write_all(b"ERROR part").expect("write");
+        w.write_all(b" two\nnext").expect("write");
+        assert_eq!(w.inner, b"<3>ERROR part two\n<3>next");
+    }
+
+    #[test]
+    fn levels_map_to_syslog_priorities() {
+        assert_eq!(priority_prefix(&tracing::Level::ERROR), b"<3>");
+        assert_eq!(priority_prefix(&tracing::Level::WARN), b"<4>");
+        assert_eq!(priority_prefix(&tracing::Level::INFO), b"<6>");
+        assert_eq!(priority_prefix(&tracing::Level::DEBUG), b"<7>");
+        assert_eq!(priority_prefix(&tracing::Level::TRACE), b"<7>");
+    }
 }

@@ -161,6 +161,47 @@ async fn sd_notify_ready_status_watchdog_stopping() {
     assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
 }
 
+/// Under the shipped units' WatchdogSec=60 (a ping every 30 s), STATUS= still
+/// comes every few seconds, so that `systemctl status` follows a batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_is_refreshed_every_few_seconds() {
+    let dirs = Dirs::new();
+    let sock_path = dirs.root.path().join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).expect("bind notify socket");
+    sock.set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let sock_env = sock_path.to_str().expect("utf-8 path").to_owned();
+    let mut daemon = spawn_with_env(
+        &dirs,
+        "http://127.0.0.1:9",
+        free_addr(),
+        &[],
+        0,
+        &[("NOTIFY_SOCKET", &sock_env), ("WATCHDOG_USEC", "60000000")],
+    );
+    let mut buf = vec![0u8; 4096];
+    let mut statuses = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline && statuses.len() < 3 {
+        if let Ok(n) = sock.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+            if text.lines().any(|l| l.starts_with("STATUS=")) {
+                statuses.push(Instant::now());
+            }
+        }
+    }
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+    assert_eq!(
+        statuses.len(),
+        3,
+        "STATUS= datagrams in 30 s: {}",
+        statuses.len()
+    );
+    let gap = statuses[2].duration_since(statuses[1]);
+    assert!(gap <= Duration::from_secs(8), "STATUS= every {gap:?}");
+}
+
 // ---------------------------------------------------------------- metrics and status
 
 fn value(v: &prometheus_parse::Value) -> f64 {
@@ -598,6 +639,127 @@ async fn api_key_never_logged() {
         );
     }
     sim.stop().await;
+}
+
+/// When stderr is the journal (`JOURNAL_STREAM` names its device and inode),
+/// every line starts with its syslog priority, which journald strips and
+/// files the line under: `journalctl -p warning` then shows our warnings.
+/// When it is not (the variable inherited, stderr elsewhere), lines are plain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_priorities_when_stderr_is_the_journal() {
+    use std::os::unix::fs::MetadataExt;
+    // A taken listen address: a WARN (simulated run) then an ERROR (cannot
+    // listen) and exit 1, with INFO lines between.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let listen = taken.local_addr().expect("addr");
+    for (n, journal) in [(0, true), (1, false)] {
+        let dirs = Dirs::new();
+        // spawn_with_env truncates this file in place: same device and inode.
+        let meta = fs::File::create(dirs.log_path(n))
+            .and_then(|f| f.metadata())
+            .expect("log file");
+        let stream = if journal {
+            format!("{}:{}", meta.dev(), meta.ino())
+        } else {
+            format!("{}:{}", meta.dev(), meta.ino() + 1)
+        };
+        let mut daemon = spawn_with_env(
+            &dirs,
+            "http://127.0.0.1:9",
+            listen,
+            &["--simulate"],
+            n,
+            &[("JOURNAL_STREAM", &stream)],
+        );
+        let status = wait_for(Duration::from_secs(20), || daemon.try_wait().ok().flatten()).await;
+        if status.is_none() {
+            kill9(&mut daemon);
+        }
+        let log = log_text(&dirs, n);
+        assert_eq!(status.and_then(|s| s.code()), Some(1), "exit:\n{log}");
+        let has = |prefix: &str, level: &str| {
+            log.lines()
+                .any(|l| l.starts_with(prefix) && l.contains(level))
+        };
+        if journal {
+            assert!(has("<4>", " WARN "), "no <4> WARN line:\n{log}");
+            assert!(has("<3>", "ERROR "), "no <3> ERROR line:\n{log}");
+            assert!(has("<6>", " INFO "), "no <6> INFO line:\n{log}");
+            for line in log.lines() {
+                let want = if line.contains("ERROR ") {
+                    "<3>"
+                } else if line.contains(" WARN ") {
+                    "<4>"
+                } else if line.contains(" INFO ") {
+                    "<6>"
+                } else {
+                    "<"
+                };
+                assert!(line.starts_with(want), "{want} expected: {line}");
+            }
+        } else {
+            assert!(has("", " WARN ") && has("", "ERROR "), "{log}");
+            assert!(!log.lines().any(|l| l.starts_with('<')), "{log}");
+        }
+    }
+    drop(taken);
+}
+
+/// `run --simulate` keeps the simulator's tasks in the state folder: after a
+/// kill -9 with tasks in flight, the restarted daemon finds them still known
+/// (as the real service would) and every row ends done from its first task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_tasks_survive_a_kill9_of_the_daemon() {
+    let dirs = Dirs::new();
+    let listen = free_addr();
+    let extra = with_poll(&["--simulate"]);
+    let tasks_file = dirs.state.join("simulator-tasks.jsonl");
+    let task_ids = |path: &Path| -> Vec<String> {
+        fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["id"].as_str().map(str::to_owned))
+            .collect()
+    };
+    let mut daemon = spawn_daemon(&dirs, "http://127.0.0.1:9", listen, &extra, 0);
+    // 5 s of audio: 1 to 3 s of simulated work at the default time factor.
+    write_manifest(
+        &dirs.inbox,
+        "simkill.csv",
+        &rows("s", 6, |_| "sim_audio_seconds=5".into()),
+    );
+    let before = wait_for(Duration::from_secs(30), || {
+        let ids = task_ids(&tasks_file);
+        (ids.len() == 6).then_some(ids)
+    })
+    .await;
+    kill9(&mut daemon);
+    let before = before.unwrap_or_else(|| panic!("6 tasks not submitted:\n{}", log_text(&dirs, 0)));
+    assert!(
+        !dirs.batch_dir("simkill").join("results.csv").exists(),
+        "the batch ended before the kill: nothing was in flight"
+    );
+
+    let mut daemon = spawn_daemon(&dirs, "http://127.0.0.1:9", listen, &extra, 1);
+    let finished = wait_results(&dirs, "simkill", Duration::from_secs(60)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    let log = log_text(&dirs, 1);
+    assert!(finished, "batch not finished after the restart:\n{log}");
+    assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+    let results = read_results(&dirs.batch_dir("simkill").join("results.csv"));
+    assert_eq!(results.len(), 6);
+    for row in &results {
+        assert_eq!(row["state"], "done", "{row:?}\n{log}");
+        assert!(
+            before.contains(&row["task_id"]),
+            "row {} got a new task {} (the first ones were {before:?})",
+            row["id"],
+            row["task_id"]
+        );
+    }
+    assert!(!log.contains("no such task"), "{log}");
 }
 
 // ---------------------------------------------------------------- config

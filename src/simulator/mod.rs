@@ -11,18 +11,22 @@
 //! - [`server`]: the HTTP surface and the hand-written accept loop (needed so a
 //!   request can end with its connection dropped and no answer at all).
 //! - [`callback`]: callback delivery with the service's retry schedule.
+//! - [`persist`]: the task table on disk (`--tasks-file`), so that tasks
+//!   outlive a crash of the process that hosts the simulator.
 //! - [`video`]: the result files.
 //!
 //! It must never: count admin routes (`/sim/...`) toward limits, inject faults
 //! into them, or leave a spawned task running after shutdown.
 
 mod callback;
+mod persist;
 mod server;
 mod state;
 mod validate;
 mod video;
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,6 +100,11 @@ pub struct SimArgs {
     /// Faults in effect at start (changeable at runtime through `PUT /sim/faults`).
     #[command(flatten)]
     pub faults: Faults,
+    /// Keep the tasks in this file, so that they survive a restart (as the
+    /// real service's do); the previous port is taken again if free
+    /// [default: tasks live in memory only].
+    #[arg(long, value_name = "FILE")]
+    pub tasks_file: Option<PathBuf>,
 }
 
 impl Default for SimArgs {
@@ -112,6 +121,7 @@ impl Default for SimArgs {
             unauthorized_after: None,
             unauthorized_for: None,
             faults: Faults::default(),
+            tasks_file: None,
         }
     }
 }
@@ -302,6 +312,13 @@ pub enum SimError {
     /// The HTTP client for callbacks could not be built.
     #[error("cannot build the callback HTTP client: {0}")]
     Client(#[source] reqwest::Error),
+    /// The tasks file (`tasks_file`) could not be read or written.
+    #[error("simulator tasks file {path}: {source}")]
+    TasksFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// A running simulator.
@@ -348,14 +365,24 @@ pub async fn start(
     args: SimArgs,
     shutdown: CancellationToken,
 ) -> Result<SimHandle, SimError> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| SimError::Bind { addr, source })?;
+    let saved = match &args.tasks_file {
+        Some(path) => Some(persist::load(path).map_err(|source| SimError::TasksFile {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let listener = bind(addr, saved.as_ref().and_then(|s| s.addr)).await?;
     let local = listener
         .local_addr()
         .map_err(|source| SimError::Bind { addr, source })?;
-    let shared = state::Shared::new(args, local, shutdown.clone())?;
+    let shared = state::Shared::new(args, local, shutdown.clone(), saved)?;
     state::spawn_period_toggles(&shared);
+    for (id, url) in shared.callbacks_owed() {
+        shared
+            .tracker
+            .spawn(callback::deliver(Arc::clone(&shared), id, url));
+    }
     let server = tokio::spawn(server::serve(listener, Arc::clone(&shared)));
     Ok(SimHandle {
         addr: local,
@@ -363,6 +390,48 @@ pub async fn start(
         server,
     })
 }
+
+/// Binds `addr`; for "any port" on the address a previous run used, its port
+/// first, so that result URLs handed out before a restart still reach us.
+async fn bind(
+    addr: SocketAddr,
+    previous: Option<SocketAddr>,
+) -> Result<tokio::net::TcpListener, SimError> {
+    if let Some(prev) = previous
+        && addr.port() == 0
+        && prev.ip() == addr.ip()
+    {
+        match tokio::net::TcpListener::bind(prev).await {
+            Ok(l) => return Ok(l),
+            Err(e) => tracing::warn!(
+                port = prev.port(),
+                error = %e,
+                "simulator: its previous port is taken; result URLs given out before the restart point at that port and will fail (status queries give new ones)"
+            ),
+        }
+    }
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| SimError::Bind { addr, source })
+}
+
+/// The simulator of `run --simulate`, on loopback, keeping its tasks in
+/// `state_dir`: a crash of the daemon then looks to it like a client
+/// restart, and tasks in flight at the crash finish as they would with the
+/// real service.
+pub async fn start_in_process(
+    state_dir: &Path,
+    shutdown: CancellationToken,
+) -> Result<SimHandle, SimError> {
+    let args = SimArgs {
+        tasks_file: Some(state_dir.join(IN_PROCESS_TASKS_FILE)),
+        ..SimArgs::default()
+    };
+    start(SocketAddr::from(([127, 0, 0, 1], 0)), args, shutdown).await
+}
+
+/// The file, in the state folder, that holds the tasks of `run --simulate`.
+pub const IN_PROCESS_TASKS_FILE: &str = "simulator-tasks.jsonl";
 
 /// Runs the `simulate` command until SIGINT/SIGTERM (prints the listening URL
 /// on stderr first).

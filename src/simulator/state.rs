@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::persist::{self, Journal, Saved, SavedTask};
 use super::validate::SubmitRequest;
 use super::video::{self, MAX_VIDEO_BYTES};
 use super::{Faults, ResultFile, SimArgs, SimError, SimStats, TaskInfo};
@@ -49,7 +50,9 @@ pub(crate) struct Draw {
     pub over_limit: bool,
 }
 
-enum Outcome {
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub(crate) enum Outcome {
     Success { results: usize, pad: Option<usize> },
     Failed { code: String, msg: String },
 }
@@ -66,7 +69,71 @@ struct Task {
     outcome: Outcome,
 }
 
+/// One reading of both clocks, to move instants to and from the wall clock.
+#[derive(Clone, Copy)]
+struct Clock {
+    now: Instant,
+    now_ms: u64,
+}
+
+impl Clock {
+    fn read() -> Clock {
+        Clock {
+            now: Instant::now(),
+            now_ms: now_ms(),
+        }
+    }
+
+    fn wall_ms(self, t: Instant) -> u64 {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        if t >= self.now {
+            self.now_ms.saturating_add(ms(t - self.now))
+        } else {
+            self.now_ms.saturating_sub(ms(self.now - t))
+        }
+    }
+
+    fn instant_at(self, ms: u64) -> Instant {
+        if ms >= self.now_ms {
+            self.now + Duration::from_millis(ms - self.now_ms)
+        } else {
+            let back = Duration::from_millis(self.now_ms - ms);
+            // No Instant reaches back before this machine's boot; only tasks
+            // long finished land there, whose exact past is moot (durations
+            // between instants saturate at zero).
+            self.now.checked_sub(back).unwrap_or(self.now)
+        }
+    }
+}
+
 impl Task {
+    fn saved(&self, clock: Clock) -> SavedTask {
+        SavedTask {
+            id: self.id.clone(),
+            image_urls: self.image_urls.clone(),
+            audio_url: self.audio_url.clone(),
+            callback_url: self.callback_url.clone(),
+            created_ms: self.created_ms,
+            processing_ms: clock.wall_ms(self.processing_at),
+            ends_ms: clock.wall_ms(self.ends_at),
+            outcome: self.outcome.clone(),
+        }
+    }
+
+    fn from_saved(t: SavedTask, clock: Clock) -> Task {
+        Task {
+            created: clock.instant_at(t.created_ms),
+            processing_at: clock.instant_at(t.processing_ms),
+            ends_at: clock.instant_at(t.ends_ms),
+            id: t.id,
+            image_urls: t.image_urls,
+            audio_url: t.audio_url,
+            callback_url: t.callback_url,
+            created_ms: t.created_ms,
+            outcome: t.outcome,
+        }
+    }
+
     fn state(&self, now: Instant) -> &'static str {
         if now < self.processing_at {
             "pending"
@@ -91,9 +158,43 @@ struct Inner {
     stats: SimStats,
     faults: Faults,
     rng: StdRng,
+    /// The task table on disk (`tasks_file`), if any.
+    journal: Option<Journal>,
 }
 
 impl Inner {
+    /// Records a new task in the journal; compacts it when it has grown.
+    /// A failed write is logged, and the simulator goes on in memory.
+    fn journal_task(&mut self, id: &str) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        let clock = Clock::read();
+        let Some(task) = self.tasks.get(id) else {
+            return;
+        };
+        if let Err(e) = journal.append(&task.saved(clock)) {
+            tracing::warn!(error = %e, "simulator: cannot record a task in its tasks file");
+        }
+        if !journal.wants_compaction(self.tasks.len()) {
+            return;
+        }
+        let mut kept: Vec<SavedTask> = self
+            .order
+            .iter()
+            .filter_map(|id| self.tasks.get(id))
+            .map(|t| t.saved(clock))
+            .collect();
+        persist::prune(&mut kept, clock.now_ms);
+        // Memory follows the file, so that neither grows without bound.
+        let keep: std::collections::HashSet<&str> = kept.iter().map(|t| t.id.as_str()).collect();
+        self.tasks.retain(|id, _| keep.contains(id.as_str()));
+        self.order.retain(|id| keep.contains(id.as_str()));
+        if let Err(e) = journal.rewrite(&kept) {
+            tracing::warn!(error = %e, "simulator: cannot compact its tasks file");
+        }
+    }
+
     fn prune(&mut self, now: Instant) {
         while self
             .window
@@ -140,10 +241,12 @@ pub(crate) fn now_ms() -> u64 {
 }
 
 impl Shared {
+    /// `saved`: what [`persist::load`] read from `args.tasks_file`.
     pub fn new(
         args: SimArgs,
         addr: SocketAddr,
         shutdown: CancellationToken,
+        saved: Option<Saved>,
     ) -> Result<Arc<Self>, SimError> {
         let rng = match args.seed {
             Some(s) => StdRng::seed_from_u64(s),
@@ -159,18 +262,50 @@ impl Shared {
         } else {
             addr
         };
-        let secret = video::hex(&rand::random::<[u8; 16]>());
+        let mut saved = saved.unwrap_or_default();
+        // Kept across restarts with the tasks, so that result URLs signed
+        // before a crash stay valid after it.
+        let secret = saved
+            .secret
+            .take()
+            .unwrap_or_else(|| video::hex(&rand::random::<[u8; 16]>()));
+        let clock = Clock::read();
+        persist::prune(&mut saved.tasks, clock.now_ms);
+        let journal = match &args.tasks_file {
+            Some(path) => Some(Journal::create(path, &secret, addr, &saved.tasks).map_err(
+                |source| SimError::TasksFile {
+                    path: path.clone(),
+                    source,
+                },
+            )?),
+            None => None,
+        };
+        let mut inner = Inner {
+            tasks: HashMap::new(),
+            order: Vec::new(),
+            window: VecDeque::new(),
+            unfinished: BinaryHeap::new(),
+            pairs: HashMap::new(),
+            stats: SimStats::default(),
+            faults: args.faults.clone(),
+            rng,
+            journal,
+        };
+        for t in saved.tasks {
+            let task = Task::from_saved(t, clock);
+            if task.ends_at > clock.now {
+                inner.unfinished.push(Reverse(task.ends_at));
+            }
+            // `sim_fail_once` stays "once" across a restart.
+            *inner
+                .pairs
+                .entry((task.image_urls.clone(), task.audio_url.clone()))
+                .or_insert(0) += 1;
+            inner.order.push(task.id.clone());
+            inner.tasks.insert(task.id.clone(), task);
+        }
         Ok(Arc::new(Self {
-            inner: Mutex::new(Inner {
-                tasks: HashMap::new(),
-                order: Vec::new(),
-                window: VecDeque::new(),
-                unfinished: BinaryHeap::new(),
-                pairs: HashMap::new(),
-                stats: SimStats::default(),
-                faults: args.faults.clone(),
-                rng,
-            }),
+            inner: Mutex::new(inner),
             args,
             shutdown,
             tracker: TaskTracker::new(),
@@ -355,7 +490,21 @@ impl Shared {
             },
         );
         inner.order.push(id.clone());
+        inner.journal_task(&id);
         Ok(id)
+    }
+
+    /// Callback-mode tasks loaded from the tasks file that have not ended:
+    /// their callbacks are owed still.
+    pub fn callbacks_owed(&self) -> Vec<(String, String)> {
+        let now = Instant::now();
+        let g = self.lock();
+        g.order
+            .iter()
+            .filter_map(|id| g.tasks.get(id))
+            .filter(|t| t.ends_at > now)
+            .filter_map(|t| Some((t.id.clone(), t.callback_url.clone()?)))
+            .collect()
     }
 
     pub fn ends_at(&self, task_id: &str) -> Option<Instant> {
