@@ -230,6 +230,8 @@ pub(super) struct Feed {
     queued_keys: HashSet<RowKey>,
     /// Rows of the active batches waiting for their files, at the last fill.
     downloading: u64,
+    /// Which batch goes first in the next round.
+    turn: usize,
 }
 
 impl Feed {
@@ -262,48 +264,71 @@ impl Feed {
         self.queued_keys.clear();
     }
 
-    /// Reads ahead up to `want` rows; returns how many are pending.
+    /// Reads ahead up to `want` rows; returns how many are pending. Rows
+    /// queued again come first (they have waited longest); then the active
+    /// batches share the rest in rounds, each taking up to its priority's
+    /// weight of rows a round, starting one batch further on each time, so
+    /// a small batch dropped behind a large one starts at once.
     fn fill(&mut self, store: &Store, folders: &Folders, want: usize) -> Result<usize, FeedError> {
         let active = store.active_batches()?;
         self.downloading = active.iter().map(|b| b.counts.downloading).sum();
         if self.pending.len() >= want {
             return Ok(self.pending.len());
         }
-        // Rows queued again come first: they have waited longest.
-        for (key, _) in store.rows_in_state(RowState::Queued, want)? {
-            if self.queued_keys.insert(key) {
+        let held = |seq: BatchSeq| {
+            active
+                .iter()
+                .find(|b| b.seq == seq)
+                .is_none_or(|b| b.paused || b.cancelled)
+        };
+        for (key, _) in store.rows_in_state(RowState::Queued, want * 4)? {
+            if self.pending.len() >= want {
+                break;
+            }
+            if !held(key.batch) && self.queued_keys.insert(key) {
                 self.pending.push_back(Claim::Again(key));
             }
         }
-        if self.pending.len() >= want {
+        let eligible: Vec<_> = active
+            .iter()
+            .filter(|b| {
+                b.phase == BatchPhase::Active && b.unclaimed() > 0 && !b.cancelled && !b.paused
+            })
+            .collect();
+        self.readers
+            .retain(|seq, _| eligible.iter().any(|b| b.seq == *seq));
+        if eligible.is_empty() {
             return Ok(self.pending.len());
         }
-        self.readers
-            .retain(|seq, _| active.iter().any(|b| b.seq == *seq));
-        for batch in active {
-            if batch.phase != BatchPhase::Active || batch.unclaimed() == 0 || batch.cancelled {
-                self.readers.remove(&batch.seq);
-                continue;
-            }
-            let reader = match self.readers.entry(batch.seq) {
-                std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                std::collections::hash_map::Entry::Vacant(v) => {
-                    let path = folders.manifest_of(&batch.name);
-                    v.insert(RowReader::open(&path, batch.cursor)?)
+        self.turn = self.turn.wrapping_add(1);
+        let start = self.turn % eligible.len();
+        let mut exhausted = vec![false; eligible.len()];
+        while self.pending.len() < want && exhausted.iter().any(|e| !e) {
+            for i in (0..eligible.len()).map(|k| (start + k) % eligible.len()) {
+                if exhausted[i] || self.pending.len() >= want {
+                    continue;
                 }
-            };
-            while self.pending.len() < want {
-                match reader.next_row()? {
-                    Some((row, next)) => self.pending.push_back(Claim::Fresh {
-                        batch: batch.seq,
-                        row,
-                        next,
-                    }),
-                    None => break,
+                let batch = eligible[i];
+                let reader = match self.readers.entry(batch.seq) {
+                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        let path = folders.manifest_of(&batch.name);
+                        v.insert(RowReader::open(&path, batch.cursor)?)
+                    }
+                };
+                for _ in 0..batch.priority.weight() {
+                    match reader.next_row()? {
+                        Some((row, next)) => self.pending.push_back(Claim::Fresh {
+                            batch: batch.seq,
+                            row,
+                            next,
+                        }),
+                        None => {
+                            exhausted[i] = true;
+                            break;
+                        }
+                    }
                 }
-            }
-            if self.pending.len() >= want {
-                break;
             }
         }
         Ok(self.pending.len())

@@ -252,6 +252,56 @@ pub struct BatchRecord {
     /// Cancelled by the operator: its queued rows are never submitted.
     #[serde(default)]
     pub cancelled: bool,
+    /// Paused by the operator: no row of it is submitted until resumed
+    /// (its running tasks finish).
+    #[serde(default)]
+    pub paused: bool,
+    /// Its share of submissions among the active batches.
+    #[serde(default)]
+    pub priority: Priority,
+}
+
+/// A batch's share of submissions: each round of the feed takes up to
+/// [`Priority::weight`] rows from every active batch, so none is starved.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    High,
+    #[default]
+    Normal,
+    Low,
+}
+
+impl Priority {
+    /// Rows a batch contributes to one round of the feed.
+    pub fn weight(self) -> usize {
+        match self {
+            Priority::High => 4,
+            Priority::Normal => 2,
+            Priority::Low => 1,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
+impl std::str::FromStr for Priority {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "high" => Ok(Priority::High),
+            "normal" => Ok(Priority::Normal),
+            "low" => Ok(Priority::Low),
+            other => Err(format!("priority {other:?}: use high, normal or low")),
+        }
+    }
 }
 
 impl BatchRecord {

@@ -345,6 +345,8 @@ impl Store {
                     finished_at_ms: None,
                     simulated: false,
                     cancelled: false,
+                    paused: false,
+                    priority: super::Priority::default(),
                 };
                 tx_put_batch(batches, &record)?;
                 hashes.insert(sha256.as_bytes(), &seq.to_be_bytes())?;
@@ -422,6 +424,20 @@ impl Store {
         self.update_batch(seq, |b| b.cancelled = true)
     }
 
+    /// Pauses (or resumes) submitting a batch's rows.
+    pub fn set_paused(&self, seq: BatchSeq, paused: bool) -> Result<BatchRecord, StoreError> {
+        self.update_batch(seq, |b| b.paused = paused)
+    }
+
+    /// Sets a batch's share of submissions.
+    pub fn set_priority(
+        &self,
+        seq: BatchSeq,
+        priority: super::Priority,
+    ) -> Result<BatchRecord, StoreError> {
+        self.update_batch(seq, |b| b.priority = priority)
+    }
+
     /// The accepted batch named `name`, if any.
     pub fn batch_named(&self, name: &str) -> Result<Option<BatchRecord>, StoreError> {
         Ok(self
@@ -477,14 +493,19 @@ impl Store {
                             };
                             let b = batch_in(&mut touched, batches, *batch)?;
                             let read = b.cursor.map_or(0, |c| c.rows_read);
-                            if b.cancelled || b.phase != BatchPhase::Active || row.index <= read {
+                            let refused = if b.cancelled {
+                                Some("in a cancelled batch")
+                            } else if b.paused {
+                                Some("in a paused batch")
+                            } else if b.phase != BatchPhase::Active || row.index <= read {
+                                Some("claimed before")
+                            } else {
+                                None
+                            };
+                            if let Some(found) = refused {
                                 return Err(abort(StoreError::WrongState {
                                     key,
-                                    found: if b.cancelled {
-                                        "in a cancelled batch"
-                                    } else {
-                                        "claimed before"
-                                    },
+                                    found,
                                     action: "claim",
                                 }));
                             }
@@ -501,6 +522,13 @@ impl Store {
                                 return Err(abort(StoreError::WrongState {
                                     key: *key,
                                     found: record.state.as_str(),
+                                    action: "claim",
+                                }));
+                            }
+                            if batch_in(&mut touched, batches, key.batch)?.paused {
+                                return Err(abort(StoreError::WrongState {
+                                    key: *key,
+                                    found: "in a paused batch",
                                     action: "claim",
                                 }));
                             }
