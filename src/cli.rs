@@ -145,12 +145,20 @@ pub struct RunArgs {
     /// Prompt for rows that leave it blank [default: empty].
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,
-    /// Limit of one API request [default: 30s].
+    /// Limit of one API request [default: 15s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub api_timeout: Option<Duration>,
-    /// A graceful stop finishes within this [default: 20s].
+    /// A graceful stop finishes within this; must exceed --api-timeout [default: 20s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub stop_timeout: Option<Duration>,
+    /// Further attempts of a row whose submit answer was lost or unreadable,
+    /// each counted as paid [default: 2].
+    #[arg(long, value_name = "N")]
+    pub max_ambiguous_submits: Option<u32>,
+    /// Accept a plain http:// --api-base that is not loopback (the key then
+    /// crosses the network in clear).
+    #[arg(long)]
+    pub allow_insecure_api: bool,
     /// Run against the built-in simulator in-process; no key needed.
     #[arg(long)]
     pub simulate: bool,

@@ -50,16 +50,31 @@ pub struct Spend {
     /// Rows are probed for their exact cost before submission.
     #[serde(default)]
     pub probing: bool,
+    /// Cost counted by runs against the built-in simulator (`--simulate`):
+    /// nothing was paid, and it never counts against a real run's cap.
+    #[serde(default)]
+    pub simulated_usd: f64,
+    /// Rows with a submit whose answer was lost or unreadable: each such
+    /// submit may have created a task, paid and never followed.
+    #[serde(default)]
+    pub possibly_paid_twice_rows: u64,
+    /// Such submits in all (each counted in `spent_usd`).
+    #[serde(default)]
+    pub ambiguous_submits: u64,
 }
 
 impl Spend {
     pub fn from_store(store: &Store) -> Result<Spend, StoreError> {
-        let totals = store.spend()?;
+        let totals = store.spend_of(false)?;
+        let ambiguous = store.ambiguous()?;
         Ok(Spend {
             spent_usd: totals.usd,
             audio_seconds: totals.audio_seconds,
             cap_usd: None,
             probing: false,
+            simulated_usd: store.spend_of(true)?.usd,
+            possibly_paid_twice_rows: ambiguous.rows,
+            ambiguous_submits: ambiguous.attempts,
         })
     }
 }
@@ -153,6 +168,18 @@ pub fn render(report: &Report) -> String {
                 " (not probed: 5 s minimum counted per row)"
             }
         ));
+        if s.simulated_usd > 0.0 {
+            out.push_str(&format!(
+                "simulated: ${:.2} (runs with --simulate; nothing paid, not counted against the cap)\n",
+                s.simulated_usd
+            ));
+        }
+        if s.possibly_paid_twice_rows > 0 {
+            out.push_str(&format!(
+                "possibly paid twice: {} rows ({} submits whose answer was lost, each counted as paid)\n",
+                s.possibly_paid_twice_rows, s.ambiguous_submits
+            ));
+        }
     }
     let width = report
         .batches
