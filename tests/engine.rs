@@ -60,7 +60,7 @@ async fn a_batch_runs_end_to_end_with_identical_bytes() {
     assert_eq!(by_id["e7"]["state"], "failed");
     assert_eq!(by_id["e7"]["fail_code"], "CONTENT_VIOLATION");
     assert!(!by_id["e7"]["fail_msg"].is_empty());
-    assert_eq!(by_id["e3"]["output"], "e3.mp4;e3-2.mp4");
+    assert_eq!(by_id["e3"]["output"], "e3.mp4;e3~2.mp4");
     assert_eq!(
         by_id["e5"]["note"], "note, for e5",
         "extra columns carried unchanged"
