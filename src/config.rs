@@ -617,6 +617,56 @@ mod tests {
     }
 
     #[test]
+    fn ambiguous_bound_from_file_or_flag() {
+        let mut a = args();
+        a.simulate = true;
+        let file: FileSettings = toml::from_str("max-ambiguous-submits = 5").expect("toml");
+        let s = Settings::merge(&a, file, &Environment::default()).expect("valid");
+        assert_eq!(s.max_ambiguous_submits, 5);
+        a.max_ambiguous_submits = Some(0);
+        let file: FileSettings = toml::from_str("max-ambiguous-submits = 5").expect("toml");
+        let s = Settings::merge(&a, file, &Environment::default()).expect("valid");
+        assert_eq!(s.max_ambiguous_submits, 0);
+        let s =
+            Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
+        assert_eq!(s.api_timeout, DEFAULT_API_TIMEOUT);
+        assert!(s.stop_timeout > s.api_timeout, "the defaults agree");
+    }
+
+    #[test]
+    fn loopback_http_is_fine_other_http_needs_the_flag() {
+        let mut a = args();
+        a.simulate = true;
+        a.api_base = Some("http://127.0.0.1:9/".into());
+        Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("loopback");
+        a.api_base = Some("http://api.example.com".into());
+        let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
+            .expect_err("insecure");
+        assert!(err.to_string().contains("--allow-insecure-api"), "{err}");
+        a.allow_insecure_api = true;
+        Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("allowed");
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        std::fs::write(&path, "sk-1\n").expect("key");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut a = args();
+        a.api_key_file = Some(path.clone());
+        let s =
+            Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(!s.warnings[0].contains("sk-1"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let s =
+            Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
+        assert!(s.warnings.is_empty());
+    }
+
+    #[test]
     fn unknown_key_is_named() {
         let err = toml::from_str::<FileSettings>("max-concurent = 3").expect_err("unknown key");
         assert!(err.to_string().contains("max-concurent"), "{err}");

@@ -553,6 +553,47 @@ mod tests {
         assert_ne!(output_name("clip", 1), output_name("clip-2", 0));
     }
 
+    #[tokio::test]
+    async fn part_files_never_follow_links_nor_block_on_fifos() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("target.txt");
+        std::fs::write(&target, b"keep").expect("target");
+        let part = dir.path().join(".v.mp4.abc.part");
+        std::os::unix::fs::symlink(&target, &part).expect("link");
+        assert!(open_part(&part, false).await.is_err());
+        assert_eq!(std::fs::read(&target).expect("target"), b"keep");
+        assert!(std::fs::symlink_metadata(&part).is_err(), "the link went");
+
+        let status = std::process::Command::new("mkfifo")
+            .arg(&part)
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+        let opened = tokio::time::timeout(Duration::from_secs(5), open_part(&part, true))
+            .await
+            .expect("a FIFO does not block the open");
+        assert!(opened.is_err());
+        assert!(std::fs::symlink_metadata(&part).is_err(), "the FIFO went");
+
+        // A plain part file opens and appends.
+        std::fs::write(&part, b"ab").expect("part");
+        let mut f = open_part(&part, true).await.expect("regular file");
+        f.write_all(b"c").await.expect("write");
+        f.flush().await.expect("flush");
+        assert_eq!(std::fs::read(&part).expect("part"), b"abc");
+    }
+
+    #[test]
+    fn part_names_differ_by_task() {
+        let dest = Path::new("/o/b/r.mp4");
+        assert_ne!(part_path(dest, "t1"), part_path(dest, "t2"));
+        assert!(
+            part_path(dest, "t1")
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".r.mp4."))
+        );
+    }
+
     #[test]
     fn parses_content_range() {
         assert_eq!(

@@ -484,3 +484,34 @@ async fn a_file_taken_when_the_daemon_died_is_ingested_at_the_next_start() {
     assert!(!taking.join("left.csv").exists());
     h.stop().await;
 }
+
+/// A FIFO (or a link) swapped in at the name ingest takes is refused from
+/// the open handle, at once, never read or followed.
+#[test]
+fn ingest_refuses_a_fifo_from_its_handle_without_blocking() {
+    let (dir, folders) = new_dir();
+    fs::create_dir_all(&folders.inbox).expect("inbox");
+    let store = Store::open(&dir.path().join("state")).expect("store");
+    let fifo = folders.inbox.join("f.csv");
+    nix_mkfifo(&fifo);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (s, f, p) = (store.clone(), folders.clone(), fifo.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send(infinitetalk_batch::ingest::ingest_file(&s, &f, &p, false));
+    });
+    let outcome = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("ingest of a FIFO does not block")
+        .expect("no I/O error");
+    assert!(
+        matches!(
+            outcome,
+            infinitetalk_batch::ingest::Outcome::Rejected { .. }
+        ),
+        "{outcome:?}"
+    );
+    let errors =
+        fs::read_to_string(folders.rejected_dir().join("f.errors.txt")).expect("errors file");
+    assert!(errors.contains("not a regular file"), "{errors}");
+    assert!(!fifo.exists());
+}
