@@ -216,7 +216,7 @@ impl Prober {
             self.cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(url.to_owned(), probed.clone());
+                .insert(url.to_owned(), *probed);
         }
         result
     }
@@ -609,7 +609,7 @@ mod tests {
             bytes: 1,
         };
         for i in 0..PROBE_CACHE_ENTRIES + 10 {
-            c.insert(format!("u{i}"), p.clone());
+            c.insert(format!("u{i}"), p);
         }
         assert_eq!(c.map.len(), PROBE_CACHE_ENTRIES);
         assert!(!c.map.contains_key("u0"));
