@@ -602,6 +602,90 @@ mod tests {
         assert_eq!(refused.fail_code(), "HTTP_400");
     }
 
+    /// A server that answers every connection with `answer` (raw HTTP), or
+    /// closes it at once when `answer` is empty.
+    async fn raw_server(answer: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = s.read(&mut buf).await;
+                if !answer.is_empty() {
+                    let _ = s.write_all(answer.as_bytes()).await;
+                }
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn submit_to(base: &str) -> Result<String, ApiError> {
+        let client = ApiClient::new(
+            reqwest::Client::new(),
+            base,
+            &ApiKey::new("k"),
+            Duration::from_secs(5),
+        );
+        let spec = RowSpec {
+            image_url: "https://x/i.png".into(),
+            mask_url: None,
+            audio_url: "https://x/a.mp3".into(),
+            prompt: None,
+            resolution: None,
+            seed: None,
+            provider: None,
+        };
+        let defaults = RowDefaults::default();
+        client
+            .submit(&SubmitBody::new(&spec, &defaults, None))
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_submit_never_sent_is_not_ambiguous_one_sent_and_lost_is() {
+        // Nothing listens: never sent, safe to retry.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let e = submit_to(&format!("http://{closed}"))
+            .await
+            .expect_err("refused");
+        assert!(e.is_transient() && !e.is_ambiguous(), "{e}");
+        // Sent, then the connection closed without an answer.
+        let e = submit_to(&raw_server("").await).await.expect_err("lost");
+        assert!(e.is_ambiguous() && !e.is_transient(), "{e}");
+        // Sent, answered 200 with garbage.
+        let garbage = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n<html";
+        let e = submit_to(&raw_server(garbage).await)
+            .await
+            .expect_err("garbage");
+        assert!(e.is_ambiguous(), "{e}");
+        // The service refused it: transient, not ambiguous.
+        let busy = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy";
+        let e = submit_to(&raw_server(busy).await).await.expect_err("503");
+        assert!(e.is_transient() && !e.is_ambiguous(), "{e}");
+        // An absurd Retry-After is clamped.
+        let slow = "HTTP/1.1 429 Too Many Requests\r\nretry-after: 99999999999\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+        let e = submit_to(&raw_server(slow).await).await.expect_err("429");
+        assert_eq!(e.retry_after(), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn result_urls_are_capped() {
+        let urls: Vec<String> = (0..10_000).map(|i| format!("http://x/{i}.mp4")).collect();
+        let data = serde_json::json!({
+            "taskId": "t1", "state": "success",
+            "resultJson": serde_json::json!({"resultUrls": urls}).to_string(),
+        });
+        let s = TaskStatus::from_data(data, Some("t1")).expect("valid");
+        assert_eq!(s.result_urls.len(), MAX_RESULT_URLS);
+        assert_eq!(s.result_urls[0], "http://x/0.mp4");
+    }
+
     #[test]
     fn parses_status_with_result_json_string() {
         let data = serde_json::json!({
