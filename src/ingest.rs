@@ -116,6 +116,12 @@ fn take(folders: &Folders, file: &Path) -> Result<Option<PathBuf>, IngestError> 
         return Ok(None);
     };
     let taken = dir.join(name);
+    if taken.symlink_metadata().is_ok() {
+        // A file of that name taken earlier could not be put back: never
+        // rename over it (the folder is private: no one else writes there).
+        tracing::warn!(file = %file.display(), taken = %taken.display(), "a file of this name is still in the private folder; move it out to let this one be taken");
+        return Ok(None);
+    }
     match fs::rename(file, &taken) {
         Ok(()) => Ok(Some(taken)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
