@@ -397,3 +397,65 @@ async fn floods_of_result_urls_are_capped() {
     assert!(peak < 90 * 1024 * 1024, "peak RSS {peak}");
     sim.stop().await;
 }
+
+/// A `--simulate` run's cost is kept apart: shown as simulated, never
+/// counted against a later real run's `--max-spend-usd`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_spend_never_counts_against_the_real_cap() {
+    let dirs = Dirs::new();
+    write_manifest(
+        &dirs.inbox,
+        "sim.csv",
+        &rows("m", 4, |_| "sim_audio_seconds=5".into()),
+    );
+    let listen = free_addr();
+    let mut daemon = spawn_daemon(
+        &dirs,
+        "https://api.apixo.ai",
+        listen,
+        &with_poll(&["--simulate"]),
+        0,
+    );
+    let finished = wait_results(&dirs, "sim", Duration::from_secs(60)).await;
+    terminate(&mut daemon, Duration::from_secs(25));
+    assert!(finished, "log:\n{}", log_text(&dirs, 0));
+    let out = std::process::Command::new(BIN)
+        .args(["status", "--state"])
+        .arg(&dirs.state)
+        .args(["--listen", &free_addr().to_string()])
+        .output()
+        .expect("status runs");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("spent: $0.00"), "{text}");
+    assert!(text.contains("simulated: $0.60"), "{text}");
+
+    // A real run on the same state folder, capped at $0.20: its one row
+    // ($0.15) is submitted; the simulated $0.60 is not counted.
+    let sim = Sim::start(fast_sim()).await;
+    write_manifest(
+        &dirs.inbox,
+        "real.csv",
+        &rows("r", 1, |_| "sim_audio_seconds=5".into()),
+    );
+    let mut daemon = spawn_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &with_poll(&["--max-spend-usd", "0.20"]),
+        1,
+    );
+    let finished = wait_results(&dirs, "real", Duration::from_secs(60)).await;
+    let status = get_json(&format!("http://{listen}/status")).await;
+    terminate(&mut daemon, Duration::from_secs(25));
+    assert!(finished, "log:\n{}", log_text(&dirs, 1));
+    let spend = &status.expect("status")["spend"];
+    assert!(
+        (spend["spent_usd"].as_f64().expect("spent") - 0.15).abs() < 1e-9,
+        "{spend}"
+    );
+    assert!(
+        (spend["simulated_usd"].as_f64().expect("simulated") - 0.60).abs() < 1e-9,
+        "{spend}"
+    );
+    sim.stop().await;
+}
