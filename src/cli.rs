@@ -36,6 +36,8 @@ pub enum Command {
     Retry(RetryArgs),
     /// Stop submitting a batch: its queued rows end failed (CANCELLED).
     Cancel(CancelArgs),
+    /// Print a one-time link that opens the running daemon's console.
+    Console(ConsoleArgs),
 }
 
 /// Where a running daemon listens, or its state when none runs.
@@ -59,10 +61,7 @@ pub struct DaemonArgs {
 pub struct RetryArgs {
     /// The batch (its folder name under the outbox).
     pub batch: String,
-    /// Retry failed rows (the default selection).
-    #[arg(long)]
-    pub failed: bool,
-    /// Only rows failed with these fail codes (comma-separated).
+    /// Only rows failed with these fail codes (comma-separated); all failed rows without it.
     #[arg(long, value_name = "C,...", value_delimiter = ',')]
     pub codes: Option<Vec<String>>,
     #[command(flatten)]
@@ -133,6 +132,10 @@ pub struct RunArgs {
     /// HTTP listener for /status, /metrics and callbacks [default: 127.0.0.1:8686].
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
+    /// Serve the callback route alone on this address (the one to expose to
+    /// the API); the main listener then has no callback route.
+    #[arg(long, value_name = "ADDR")]
+    pub callback_listen: Option<SocketAddr>,
     /// Public URL of this daemon's listener root; enables callback mode.
     #[arg(long, value_name = "URL")]
     pub callback_url: Option<String>,
@@ -201,6 +204,19 @@ pub struct StatusArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
     /// State folder to read when no daemon answers [default: ./state, or the config's].
+    #[arg(long, value_name = "DIR")]
+    pub state: Option<PathBuf>,
+    /// TOML config file of the daemon, for its listen address and state folder.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConsoleArgs {
+    /// Address of the daemon's listener [default: 127.0.0.1:8686, or the config's].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// State folder of the daemon, holding its admin token [default: ./state, or the config's].
     #[arg(long, value_name = "DIR")]
     pub state: Option<PathBuf>,
     /// TOML config file of the daemon, for its listen address and state folder.

@@ -67,6 +67,8 @@ pub struct FileSettings {
     #[serde(default, alias = "poll_max", with = "humantime_serde")]
     pub poll_max: Option<Duration>,
     pub listen: Option<SocketAddr>,
+    #[serde(alias = "callback_listen")]
+    pub callback_listen: Option<SocketAddr>,
     #[serde(alias = "callback_url")]
     pub callback_url: Option<String>,
     pub resolution: Option<Resolution>,
@@ -162,6 +164,8 @@ pub struct Settings {
     pub poll_min: Duration,
     pub poll_max: Duration,
     pub listen: SocketAddr,
+    /// Serve the callback route alone here, not on `listen`.
+    pub callback_listen: Option<SocketAddr>,
     pub callback_url: Option<url::Url>,
     pub defaults: RowDefaults,
     pub api_timeout: Duration,
@@ -303,6 +307,13 @@ impl Settings {
             Some(addr) => addr,
             None => default_listen(),
         };
+        let callback_listen = args.callback_listen.or(file.callback_listen);
+        if callback_listen == Some(listen) {
+            return Err(ConfigError::Invalid {
+                key: "callback-listen",
+                message: format!("{listen} is also the main listener's address (listen)"),
+            });
+        }
         let callback_url = match args.callback_url.clone().or(file.callback_url) {
             Some(raw) => {
                 let url = url::Url::parse(&raw).map_err(|e| ConfigError::Invalid {
@@ -408,6 +419,7 @@ impl Settings {
             poll_min,
             poll_max,
             listen,
+            callback_listen,
             callback_url,
             defaults,
             api_timeout,

@@ -31,6 +31,9 @@ pub enum DaemonError {
     },
     #[error("recovering interrupted ingests: {0}")]
     Recover(#[from] ingest::IngestError),
+    /// The admin token could not be created or read.
+    #[error(transparent)]
+    AdminToken(#[from] crate::admin::TokenError),
     #[error("cannot listen on {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -96,12 +99,27 @@ pub async fn serve(
         source,
     };
     listener.set_nonblocking(true).map_err(listen_err)?;
+    let callback_listener = match settings.callback_listen {
+        Some(addr) => {
+            let bound = std::net::TcpListener::bind(addr)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                .map_err(|source| DaemonError::Listen { addr, source })?;
+            Some(bound)
+        }
+        None => None,
+    };
     let state_dir = settings.state.clone();
     let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
         .await
         .map_err(|e| DaemonError::Join(e.to_string()))??;
     // A simulated run's spend is kept apart: never counted as real money.
     store.set_simulated_spend(settings.simulate);
+    let admin_token = {
+        let state_dir = settings.state.clone();
+        tokio::task::spawn_blocking(move || crate::admin::load_or_create(&state_dir))
+            .await
+            .map_err(|e| DaemonError::Join(e.to_string()))??
+    };
     let folders = Folders {
         inbox: settings.inbox.clone(),
         outbox: settings.outbox.clone(),
@@ -180,30 +198,19 @@ pub async fn serve(
         });
     }
     {
-        let router = listener::router(engine.clone(), registry, secret);
-        let stop = front_stop.clone();
-        let listener = Arc::new(listener);
-        sup.spawn_unwatched("listener", move |_| {
-            let (router, stop, listener) = (router.clone(), stop.clone(), listener.clone());
-            async move {
-                let socket = listener
-                    .try_clone()
-                    .and_then(tokio::net::TcpListener::from_std);
-                let socket = match socket {
-                    Ok(socket) => socket,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot take up the listening socket");
-                        return;
-                    }
-                };
-                let served = axum::serve(socket, router)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await;
-                if let Err(e) = served {
-                    tracing::error!(error = %e, "listener failed");
-                }
-            }
+        let gate = crate::admin::Gate::new(crate::admin::GateConfig {
+            token: admin_token,
+            listen: listen_addr,
+            callback_url: settings.callback_url.clone(),
+            public_urls: Vec::new(),
         });
+        let callback_here = callback_listener.is_none();
+        if let Some(socket) = callback_listener {
+            let router = listener::callback_router(engine.clone(), secret.clone());
+            spawn_listener(&sup, "callback listener", router, socket, &front_stop);
+        }
+        let router = listener::router(engine.clone(), registry, secret, &gate, callback_here);
+        spawn_listener(&sup, "listener", router, listener, &front_stop);
     }
     {
         let engine = engine.clone();
@@ -238,7 +245,7 @@ pub async fn serve(
     }
 
     tracing::info!(
-        listen = %listen_addr, inbox = %settings.inbox.display(), outbox = %settings.outbox.display(),
+        listen = %listen_addr, callback_listen = ?settings.callback_listen, inbox = %settings.inbox.display(), outbox = %settings.outbox.display(),
         state = %settings.state.display(), max_concurrent = settings.max_concurrent,
         max_requests_per_minute = settings.max_requests_per_minute,
         callbacks = settings.callback_url.is_some(), requeued_after_crash = requeued,
@@ -291,6 +298,39 @@ pub async fn serve(
         Some(gave_up) => Err(DaemonError::GaveUp(gave_up)),
         None => Ok(()),
     }
+}
+
+/// Serves `router` on `listener` until `stop`.
+fn spawn_listener(
+    sup: &Supervisor,
+    name: &'static str,
+    router: axum::Router,
+    listener: std::net::TcpListener,
+    stop: &CancellationToken,
+) {
+    let stop = stop.clone();
+    let listener = Arc::new(listener);
+    sup.spawn_unwatched(name, move |_| {
+        let (router, stop, listener) = (router.clone(), stop.clone(), listener.clone());
+        async move {
+            let socket = listener
+                .try_clone()
+                .and_then(tokio::net::TcpListener::from_std);
+            let socket = match socket {
+                Ok(socket) => socket,
+                Err(e) => {
+                    tracing::error!(error = %e, listener = name, "cannot take up the listening socket");
+                    return;
+                }
+            };
+            let served = axum::serve(socket, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, listener = name, "listener failed");
+            }
+        }
+    });
 }
 
 /// The engine's workers, each taking its work up from the store when it

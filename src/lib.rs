@@ -16,6 +16,8 @@
 //! - [`download`]: fetching result videos into the outbox.
 //! - [`results`]: `results.csv` when a batch ends.
 //! - [`listener`]: `/status`, `/metrics` and callbacks over HTTP.
+//! - [`admin`]: the admin token, the console link and the guards of the
+//!   listener's routes (token, cross-site refusal, `Host` check).
 //! - [`status`]: what `status` shows.
 //! - [`manage`]: `retry` and `cancel` of a batch; spend gauges.
 //! - [`metrics`]: counters for `/metrics`.
@@ -27,6 +29,7 @@
 //! - [`failpoint`]: named points where tests make the process die.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -1,4 +1,6 @@
-//! The HTTP listener: `GET /status`, `GET /metrics`, and the callback route.
+//! The HTTP listener: `GET /status`, `GET /metrics`, and the callback route
+//! (on the main listener, or alone on `--callback-listen`). Who may use
+//! which route is [`crate::admin`]'s call, never a handler's.
 //!
 //! A callback is only a hint (guarantee 7): it makes the poller ask the
 //! status endpoint about that task at once, and the status answer decides.
@@ -16,6 +18,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use prometheus_client::registry::Registry;
 
+use crate::admin::{Gate, constant_time_eq};
 use crate::dispatch::{Engine, PollCmd};
 use crate::metrics::CallbackLabels;
 use crate::status::{self, Limits, Report};
@@ -30,20 +33,58 @@ struct App {
     secret: Arc<str>,
 }
 
-pub fn router(engine: Arc<Engine>, registry: Registry, secret: String) -> Router {
-    let manage = crate::manage::routes(engine.clone());
+/// The main listener's router. Every route sits behind one of `gate`'s
+/// guards (see [`crate::admin`]): changing routes (`manage`, the console
+/// link) need the admin token and refuse cross-site requests; reading routes
+/// (`/status`) need it unless the listener is on loopback; `/metrics`,
+/// `/login` and the callback route are open; every `Host` is checked.
+/// With `callback_here` false (`--callback-listen`), the callback route is
+/// served only by [`callback_router`].
+pub fn router(
+    engine: Arc<Engine>,
+    registry: Registry,
+    secret: String,
+    gate: &Gate,
+    callback_here: bool,
+) -> Router {
+    let changing = gate.changing(crate::manage::routes(engine.clone()));
     let app = App {
         engine,
         registry: Arc::new(registry),
         secret: secret.into(),
     };
+    let reading = gate.reading(
+        Router::new()
+            .route("/status", get(status_handler))
+            .with_state(app.clone()),
+    );
+    let mut open = Router::new().route("/metrics", get(metrics_handler));
+    if callback_here {
+        open = open
+            .route("/callback/{secret}", post(callback_handler))
+            .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES));
+    }
+    let router = Router::new()
+        .merge(changing)
+        .merge(reading)
+        .merge(open.with_state(app))
+        .merge(gate.routes());
+    gate.check_host(router)
+}
+
+/// The callback route alone, for `--callback-listen`: no other route, no
+/// token, no `Host` check (a reverse proxy may rename the host); the secret
+/// path is its only credential.
+pub fn callback_router(engine: Arc<Engine>, secret: String) -> Router {
+    let app = App {
+        engine,
+        registry: Arc::new(Registry::default()),
+        secret: secret.into(),
+    };
     Router::new()
-        .route("/status", get(status_handler))
-        .route("/metrics", get(metrics_handler))
         .route("/callback/{secret}", post(callback_handler))
         .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES))
         .with_state(app)
-        .merge(manage)
 }
 
 /// The live report of a running daemon.
@@ -161,10 +202,6 @@ fn store_metrics(engine: &Engine) -> String {
         engine.store.live_rows()
     ));
     out
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn callback_handler(

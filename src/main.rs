@@ -4,11 +4,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
-use infinitetalk_batch::cli::{Cli, Command, DaemonArgs, LogFormat, StatusArgs, ValidateArgs};
+use infinitetalk_batch::cli::{
+    Cli, Command, ConsoleArgs, DaemonArgs, LogFormat, StatusArgs, ValidateArgs,
+};
 use infinitetalk_batch::config::{Environment, FileSettings, Settings, default_listen};
 use infinitetalk_batch::manifest::{self, ManifestError};
 use infinitetalk_batch::spec::RowDefaults;
-use infinitetalk_batch::{daemon, manage, probe, simulator, status, store};
+use infinitetalk_batch::{admin, daemon, manage, probe, simulator, status, store};
 use tokio_util::sync::CancellationToken;
 
 /// Exit codes: systemd skips restarts on a configuration error.
@@ -19,6 +21,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => {
+            limit_malloc_arenas();
             let settings = match Settings::resolve(&args, &Environment::from_process()) {
                 Ok(s) => s,
                 Err(e) => {
@@ -48,6 +51,7 @@ fn main() -> ExitCode {
             runtime(|| manage_batch(args.daemon, args.batch, Some(req)))
         }
         Command::Cancel(args) => runtime(|| manage_batch(args.daemon, args.batch, None)),
+        Command::Console(args) => runtime(|| console(args)),
         Command::Simulate(args) => {
             init_logging(LogFormat::Text);
             runtime(|| async move {
@@ -63,13 +67,42 @@ fn main() -> ExitCode {
     }
 }
 
+/// glibc's malloc gives busy threads arenas of their own and keeps what was
+/// freed in each: over a long run that held 30+ MB more than the daemon uses
+/// (BENCHMARKS.md, `soak_bench`: 78.6 MB peak and growing, against 45.8 MB
+/// flat with two arenas). glibc reads `MALLOC_ARENA_MAX` only when a process
+/// starts, so `run` executes itself again once with it set: same PID, same
+/// arguments. An operator's own value is left alone.
+fn limit_malloc_arenas() {
+    use std::os::unix::process::CommandExt;
+    const VAR: &str = "MALLOC_ARENA_MAX";
+    if std::env::var_os(VAR).is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let err = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env(VAR, "2")
+        .exec();
+    eprintln!("infinitetalk-batch: cannot run again with {VAR}=2 ({err}); going on without it");
+}
+
+/// Threads for blocking calls (sled, files); they queue beyond this.
+const MAX_BLOCKING_THREADS: usize = 8;
+
 fn runtime<F, Fut>(f: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = ExitCode>,
 {
+    // Store calls and file I/O run on the blocking pool. Left at tokio's
+    // default (512) it grew to hundreds of threads under load, each with its
+    // own stack and allocator arena: 190 MB of RSS where 30 would do.
     match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .max_blocking_threads(MAX_BLOCKING_THREADS)
         .build()
     {
         Ok(rt) => rt.block_on(f()),
@@ -265,6 +298,10 @@ async fn manage_batch(
         path.pop_if_empty().extend(["batches", &batch, what]);
     }
     let mut request = client.post(url);
+    // Without a readable token the daemon answers 401, which is said below.
+    if let Ok(token) = admin::read_token(&state) {
+        request = request.bearer_auth(token.expose());
+    }
     if let Some(req) = &retry {
         request = request.json(req);
     }
@@ -326,6 +363,81 @@ async fn manage_batch(
         println!("(done on the state folder: no daemon was running)");
     }
     ExitCode::SUCCESS
+}
+
+/// `console`: asks the running daemon for a one-time console link.
+async fn console(args: ConsoleArgs) -> ExitCode {
+    let file = match &args.config {
+        Some(path) => match FileSettings::load(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("infinitetalk-batch console: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => FileSettings::default(),
+    };
+    let listen = args.listen.or(file.listen).unwrap_or_else(default_listen);
+    let state = args.state.or(file.state).unwrap_or_else(|| "state".into());
+    let token = match admin::read_token(&state) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!(
+                "infinitetalk-batch console: {e} (run as the daemon's user, with its --state or --config)"
+            );
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    // A daemon on 0.0.0.0 or :: is reached (and its link opened) on loopback.
+    let mut reach = listen;
+    if reach.ip().is_unspecified() {
+        reach.set_ip(match reach.ip() {
+            std::net::IpAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::IpAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let Ok(client) = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+    else {
+        eprintln!("infinitetalk-batch console: cannot build the HTTP client");
+        return ExitCode::from(EXIT_RUNTIME);
+    };
+    let sent = client
+        .post(format!("http://{reach}/admin/ticket"))
+        .bearer_auth(token.expose())
+        .send()
+        .await;
+    let resp = match sent {
+        Ok(resp) => resp,
+        Err(e) => {
+            eprintln!("infinitetalk-batch console: no daemon answers at {listen}: {e}");
+            return ExitCode::from(EXIT_RUNTIME);
+        }
+    };
+    let status = resp.status();
+    if !status.is_success() {
+        let body = resp.text().await.unwrap_or_default();
+        eprintln!(
+            "infinitetalk-batch console: the daemon refused ({status}): {}",
+            body.trim()
+        );
+        return ExitCode::from(EXIT_RUNTIME);
+    }
+    match resp.json::<admin::Ticket>().await {
+        Ok(ticket) => {
+            println!("http://{reach}{}", ticket.path);
+            eprintln!(
+                "open it in a browser within {} s; it works once",
+                ticket.expires_in_secs
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("infinitetalk-batch console: unreadable answer from the daemon: {e}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
 }
 
 /// The JSON outcome of retry/cancel, said plainly.
@@ -418,11 +530,12 @@ async fn fetch_report(
             .timeout(Duration::from_secs(3))
             .build()
             .ok()?;
-        let resp = client
-            .get(format!("http://{listen}/status"))
-            .send()
-            .await
-            .ok()?;
+        let mut request = client.get(format!("http://{listen}/status"));
+        // Needed when the daemon listens on a non-loopback address.
+        if let Ok(token) = admin::read_token(state) {
+            request = request.bearer_auth(token.expose());
+        }
+        let resp = request.send().await.ok()?;
         resp.json::<status::Report>().await.ok()
     };
     if let Some(report) = live.await {

@@ -150,7 +150,7 @@ async fn the_cap_pauses_before_the_row_that_would_cross_it_and_a_higher_cap_resu
     assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
 
     // Retry with no daemon: on the state folder; the next start submits.
-    let (ok, text) = manage(&dirs, listen, &["retry", "capped", "--failed"]);
+    let (ok, text) = manage(&dirs, listen, &["retry", "capped"]);
     assert!(ok, "{text}");
     assert!(
         text.contains("2 failed row(s) queued again") && text.contains("no daemon"),

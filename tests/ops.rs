@@ -603,7 +603,7 @@ async fn api_key_never_logged() {
 // ---------------------------------------------------------------- config
 
 /// Every key of `FileSettings`, as the example config must show it.
-const FILE_KEYS: [&str; 23] = [
+const FILE_KEYS: [&str; 24] = [
     "inbox",
     "outbox",
     "state",
@@ -614,6 +614,7 @@ const FILE_KEYS: [&str; 23] = [
     "poll-min",
     "poll-max",
     "listen",
+    "callback-listen",
     "callback-url",
     "resolution",
     "provider",

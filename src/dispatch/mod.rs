@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::{Notify, Semaphore, mpsc, watch};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -76,6 +76,13 @@ pub struct Engine {
     /// Rows whose download runs, so that a restarted download worker does
     /// not start a second writer on the same files.
     downloading: Mutex<HashSet<RowKey>>,
+    /// The concurrency slot of every task followed, held here rather than by
+    /// the poll worker so that a restart of it gives none away.
+    held: Mutex<HashMap<RowKey, OwnedSemaphorePermit>>,
+    /// Set once the poll worker has taken up the running tasks (and their
+    /// slots) at start: the submitter waits for it, so that it cannot take
+    /// the slots of tasks already running (guarantee 3 across restarts).
+    pub taken_up: watch::Sender<bool>,
     /// Tasks in flight (for status): maintained by the poller.
     in_flight: AtomicU64,
     /// Rows are waiting for a slot or the budget (set by the submitter).
@@ -137,6 +144,8 @@ impl Engine {
             names: Mutex::new(HashMap::new()),
             tracked: Mutex::new(HashMap::new()),
             downloading: Mutex::new(HashSet::new()),
+            held: Mutex::new(HashMap::new()),
+            taken_up: watch::channel(false).0,
             in_flight: AtomicU64::new(0),
             backlog: AtomicBool::new(false),
             prober: crate::probe::Prober::new(
@@ -185,6 +194,26 @@ impl Engine {
             Some(key) => tracked.insert(task_id.to_owned(), key),
             None => tracked.remove(task_id),
         };
+    }
+
+    /// Keeps `slot` for the task of `key` (one slot a task: a second is
+    /// given back). Returns whether the task holds a slot now.
+    fn hold_slot(&self, key: RowKey, slot: Option<OwnedSemaphorePermit>) -> bool {
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        if !held.contains_key(&key)
+            && let Some(slot) = slot
+        {
+            held.insert(key, slot);
+        }
+        held.contains_key(&key)
+    }
+
+    /// The task of `key` ended (or is no longer ours): its slot is free.
+    fn release_slot(&self, key: RowKey) {
+        self.held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&key);
     }
 
     /// Claims the right to download `key`'s files; `None` while another

@@ -53,7 +53,6 @@ struct Tracked {
     polls: u32,
     errors: u32,
     last_poll: Option<Instant>,
-    slot: Option<OwnedSemaphorePermit>,
 }
 
 enum PollResult {
@@ -137,27 +136,40 @@ impl Poller {
         }
     }
 
-    /// Running rows in the store are followed again; their slots are taken
-    /// back as far as free ones allow (the rest come with their `Track`).
+    /// Running rows in the store are followed again. At the daemon's start
+    /// (before the submitter runs) each takes a slot; after a restart of
+    /// this worker alone they still hold theirs (kept by the engine).
     async fn take_up_running(&mut self) -> Result<(), StoreError> {
         let running = self
             .engine
             .store
             .call(|s| s.rows_in_state(RowState::Running, usize::MAX))
             .await?;
+        let mut without_slot = 0;
         for (key, record) in running {
             let Some(task_id) = record.task_id.clone() else {
                 continue;
             };
             let slot = self.engine.slots.clone().try_acquire_owned().ok();
-            self.follow(
+            if !self.follow(
                 key,
                 task_id,
                 record.submitted_at_ms.unwrap_or_else(now_ms),
                 record.audio_seconds,
                 slot,
+            ) {
+                without_slot += 1;
+            }
+        }
+        if without_slot > 0 {
+            // --max-concurrent was lowered below what runs: those run on.
+            tracing::warn!(
+                tasks = without_slot,
+                max_concurrent = self.engine.settings.max_concurrent,
+                "more tasks running than --max-concurrent allows now; they are followed to their end"
             );
         }
+        self.engine.taken_up.send_replace(true);
         Ok(())
     }
 
@@ -169,7 +181,9 @@ impl Poller {
                 submitted_at_ms,
                 audio_seconds,
                 slot,
-            } => self.follow(key, task_id, submitted_at_ms, audio_seconds, slot),
+            } => {
+                self.follow(key, task_id, submitted_at_ms, audio_seconds, slot);
+            }
             PollCmd::Hint { task_id } => {
                 if let Some(key) = self.engine.tracked_task(&task_id)
                     && let Some(t) = self.tasks.get_mut(&key)
@@ -186,6 +200,7 @@ impl Poller {
         }
     }
 
+    /// Follows a task; returns whether it holds a concurrency slot.
     fn follow(
         &mut self,
         key: RowKey,
@@ -193,13 +208,11 @@ impl Poller {
         submitted_at_ms: u64,
         audio: Option<f64>,
         slot: Option<OwnedSemaphorePermit>,
-    ) {
-        if let Some(t) = self.tasks.get_mut(&key) {
-            // Taken up from the store already: keep one slot for it.
-            if t.slot.is_none() {
-                t.slot = slot;
-            }
-            return;
+    ) -> bool {
+        let holds = self.engine.hold_slot(key, slot);
+        if self.tasks.contains_key(&key) {
+            // Taken up from the store already.
+            return holds;
         }
         let age = Duration::from_millis(now_ms().saturating_sub(submitted_at_ms));
         let submitted = Instant::now().checked_sub(age).unwrap_or_else(Instant::now);
@@ -211,7 +224,6 @@ impl Poller {
             polls: 0,
             errors: 0,
             last_poll: None,
-            slot,
         };
         if !self.callback_mode
             && !self.model.is_trained()
@@ -225,6 +237,7 @@ impl Poller {
         self.engine.track(&task_id, Some(key));
         self.tasks.insert(key, t);
         self.schedule(key, at);
+        holds
     }
 
     fn schedule(&mut self, key: RowKey, at: Instant) {
@@ -322,6 +335,7 @@ impl Poller {
             }
             PollResult::Ended { took } => {
                 self.scouts.remove(&key);
+                self.engine.release_slot(key);
                 let mut audio = None;
                 if let Some(t) = self.tasks.remove(&key) {
                     self.engine.track(&t.task_id, None);
@@ -337,6 +351,7 @@ impl Poller {
             }
             PollResult::Dropped => {
                 self.scouts.remove(&key);
+                self.engine.release_slot(key);
                 if let Some(t) = self.tasks.remove(&key) {
                     self.engine.track(&t.task_id, None);
                 }

@@ -31,6 +31,8 @@ pub struct Submitter {
     beat: Beat,
     feed: Feed,
     failures: u32,
+    /// Submission waits for downloads to catch up (logged once a spell).
+    download_wait: bool,
 }
 
 impl Submitter {
@@ -40,6 +42,7 @@ impl Submitter {
             beat,
             feed: Feed::default(),
             failures: 0,
+            download_wait: false,
         }
     }
 
@@ -47,6 +50,16 @@ impl Submitter {
     pub async fn run(mut self) {
         let engine = self.engine.clone();
         let mut cap = engine.spend_cap.subscribe();
+        // The running tasks take their slots first (guarantee 3 across restarts).
+        let mut taken_up = engine.taken_up.subscribe();
+        if self
+            .beat
+            .wait(&engine.shutdown, taken_up.wait_for(|t| *t))
+            .await
+            .is_none()
+        {
+            return;
+        }
         loop {
             self.beat.tick();
             if engine.shutdown.is_cancelled() {
@@ -83,6 +96,23 @@ impl Submitter {
                 break;
             };
             match self.fill().await {
+                Ok(_) if self.feed.downloading >= engine.settings.max_concurrent.into() => {
+                    // Downloads lag behind the tasks: more tasks would only
+                    // grow the rows waiting for their files (and the live
+                    // state). Wait until the downloads catch up.
+                    drop(slot);
+                    if !self.download_wait {
+                        self.download_wait = true;
+                        tracing::info!(
+                            downloading = self.feed.downloading,
+                            "downloads lag behind; submission waits until fewer rows are downloading"
+                        );
+                    }
+                    if !sleep_or_stop(&engine, Duration::from_millis(250)).await {
+                        break;
+                    }
+                    continue;
+                }
                 Ok(0) => {
                     drop(slot);
                     engine.backlog.store(false, Ordering::Relaxed);
@@ -95,6 +125,7 @@ impl Submitter {
                 Ok(_) => {
                     engine.backlog.store(true, Ordering::Relaxed);
                     self.failures = 0;
+                    self.download_wait = false;
                 }
                 Err(e) => {
                     drop(slot);
@@ -197,6 +228,8 @@ pub(super) struct Feed {
     pending: VecDeque<Claim>,
     readers: HashMap<BatchSeq, RowReader>,
     queued_keys: HashSet<RowKey>,
+    /// Rows of the active batches waiting for their files, at the last fill.
+    downloading: u64,
 }
 
 impl Feed {
@@ -231,6 +264,8 @@ impl Feed {
 
     /// Reads ahead up to `want` rows; returns how many are pending.
     fn fill(&mut self, store: &Store, folders: &Folders, want: usize) -> Result<usize, FeedError> {
+        let active = store.active_batches()?;
+        self.downloading = active.iter().map(|b| b.counts.downloading).sum();
         if self.pending.len() >= want {
             return Ok(self.pending.len());
         }
@@ -243,7 +278,6 @@ impl Feed {
         if self.pending.len() >= want {
             return Ok(self.pending.len());
         }
-        let active = store.active_batches()?;
         self.readers
             .retain(|seq, _| active.iter().any(|b| b.seq == *seq));
         for batch in active {
