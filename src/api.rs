@@ -14,6 +14,15 @@ use crate::spec::{RowDefaults, RowSpec};
 
 pub const SUBMIT_PATH: &str = "/api/v1/generateTask/infinitetalk";
 pub const STATUS_PATH: &str = "/api/v1/statusTask/infinitetalk";
+/// Largest API answer body read; a longer one is cut off and counts as
+/// unreadable (the envelope is a few hundred bytes).
+pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Most result URLs taken from one task; further ones are dropped with a
+/// warning (the model returns one video).
+pub const MAX_RESULT_URLS: usize = 16;
+/// Longest `Retry-After` honoured, unless configured lower; a larger value is
+/// clamped to this.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Why submission is paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -41,6 +50,12 @@ pub enum ApiError {
     /// No answer: connection refused or reset, timeout, cut body.
     #[error("network: {0}")]
     Network(String),
+    /// A submit was sent but its answer was lost or unreadable (timeout
+    /// after sending, reset, cut or malformed 2xx body): the task may or may
+    /// not exist. Never produced for a submit known not to have left
+    /// (connection refused, DNS): that is [`ApiError::Network`].
+    #[error("submit answer lost or unreadable (a task may have been created): {0}")]
+    Ambiguous(String),
     /// HTTP or body code 5xx.
     #[error("server error {status}: {message}")]
     Server { status: u16, message: String },
@@ -65,7 +80,15 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// Transient: retry the same request after a backoff; never a row failure.
+    /// The request was sent and its answer lost or unreadable: a submit
+    /// may have created a task (see guarantee 2).
+    pub fn is_ambiguous(&self) -> bool {
+        matches!(self, ApiError::Ambiguous(_))
+    }
+
+    /// Transient: retry the same request after a backoff; never a row
+    /// failure. An ambiguous submit is not transient: its retries are
+    /// bounded and paid.
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
@@ -286,6 +309,16 @@ impl TaskStatus {
                     .result_urls
             }
         };
+        let mut result_urls = result_urls;
+        if result_urls.len() > MAX_RESULT_URLS {
+            tracing::warn!(
+                task_id,
+                urls = result_urls.len(),
+                kept = MAX_RESULT_URLS,
+                "the task lists more result URLs than the daemon takes; keeping the first ones"
+            );
+            result_urls.truncate(MAX_RESULT_URLS);
+        }
         if state == TaskState::Success && result_urls.is_empty() {
             return Err(ApiError::Malformed("success without result URLs".into()));
         }
@@ -324,6 +357,7 @@ pub struct ApiClient {
     base: String,
     auth: String,
     timeout: Duration,
+    max_retry_after: Duration,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -341,10 +375,20 @@ impl ApiClient {
             base: base.trim_end_matches('/').to_owned(),
             auth: format!("Bearer {}", key.expose()),
             timeout,
+            max_retry_after: MAX_RETRY_AFTER,
         }
     }
 
+    /// Sets the longest `Retry-After` honoured (at most [`MAX_RETRY_AFTER`]).
+    pub fn with_max_retry_after(mut self, max: Duration) -> Self {
+        self.max_retry_after = max.min(MAX_RETRY_AFTER);
+        self
+    }
+
     /// Submits one row; returns the task id.
+    ///
+    /// An answer that was lost or unreadable after the request left is
+    /// [`ApiError::Ambiguous`]: the service may have created the task.
     pub async fn submit(&self, body: &SubmitBody<'_>) -> Result<String, ApiError> {
         let req = self
             .http
@@ -352,14 +396,14 @@ impl ApiClient {
             .header(reqwest::header::AUTHORIZATION, &self.auth)
             .timeout(self.timeout)
             .json(body);
-        let data = self.send(req).await?;
+        let data = self.send(req).await.map_err(Failure::ambiguous)?;
         data.get("taskId")
             .and_then(|v| match v {
                 serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
                 serde_json::Value::Number(n) => Some(n.to_string()),
                 _ => None,
             })
-            .ok_or_else(|| ApiError::Malformed("submit answer has no data.taskId".into()))
+            .ok_or_else(|| ApiError::Ambiguous("submit answer has no data.taskId".into()))
     }
 
     /// Asks where a task is.
@@ -370,39 +414,140 @@ impl ApiClient {
             .query(&[("taskId", task_id)])
             .header(reqwest::header::AUTHORIZATION, &self.auth)
             .timeout(self.timeout);
-        let data = self.send(req).await?;
+        let data = self.send(req).await.map_err(|f| f.error)?;
         TaskStatus::from_data(data, Some(task_id))
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<serde_json::Value, ApiError> {
-        let resp = req.send().await.map_err(network)?;
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<serde_json::Value, Failure> {
+        let mut resp = req.send().await.map_err(|e| Failure {
+            lost_after_sending: sent(&e),
+            error: network(e),
+        })?;
         let http = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_secs);
-        let bytes = resp.bytes().await.map_err(network)?;
+        let ok = resp.status().is_success();
+        let retry_after = retry_after(resp.headers(), self.max_retry_after);
+        let bytes = match read_capped(&mut resp, MAX_BODY_BYTES).await {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                return Err(Failure {
+                    lost_after_sending: ok,
+                    error,
+                });
+            }
+        };
         let env: Option<Envelope> = serde_json::from_slice(&bytes).ok();
+        // A 2xx whose body cannot be read as the envelope: the service did
+        // something with the request and we cannot tell what.
+        let unreadable = |error| Failure {
+            lost_after_sending: ok,
+            error,
+        };
         match env {
             Some(env) if http == 200 && env.code == Some(200) => env
                 .data
-                .ok_or_else(|| ApiError::Malformed("success without data".into())),
+                .ok_or_else(|| unreadable(ApiError::Malformed("success without data".into()))),
+            Some(env) if ok && env.code.is_none() => Err(unreadable(ApiError::Malformed(
+                "answer without a code".into(),
+            ))),
             Some(env) => {
                 let message = env.message.unwrap_or_default();
-                Err(ApiError::from_codes(http, env.code, message, retry_after))
+                Err(Failure::refused(ApiError::from_codes(
+                    http,
+                    env.code,
+                    message,
+                    retry_after,
+                )))
             }
-            None if http == 200 => Err(ApiError::Malformed(format!(
+            None if ok => Err(unreadable(ApiError::Malformed(format!(
                 "body is not JSON: {:?}",
                 String::from_utf8_lossy(&bytes[..bytes.len().min(120)])
-            ))),
+            )))),
             None => {
                 let message = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();
-                Err(ApiError::from_codes(http, None, message, retry_after))
+                Err(Failure::refused(ApiError::from_codes(
+                    http,
+                    None,
+                    message,
+                    retry_after,
+                )))
             }
         }
     }
+}
+
+/// A failed request, and whether it left and its answer was lost (what
+/// makes a submit ambiguous).
+struct Failure {
+    error: ApiError,
+    lost_after_sending: bool,
+}
+
+impl Failure {
+    /// The service answered, readably, and did not accept the request.
+    fn refused(error: ApiError) -> Failure {
+        Failure {
+            error,
+            lost_after_sending: false,
+        }
+    }
+
+    /// A submit's failure: lost after sending means ambiguous.
+    fn ambiguous(self) -> ApiError {
+        if self.lost_after_sending {
+            ApiError::Ambiguous(self.error.to_string())
+        } else {
+            self.error
+        }
+    }
+}
+
+/// Whether a request that failed with `e` may have reached the service.
+/// Only a failure to connect (refused, DNS, connect timeout) or to build the
+/// request proves it never left.
+fn sent(e: &reqwest::Error) -> bool {
+    !(e.is_connect() || e.is_builder())
+}
+
+/// `Retry-After` in seconds, clamped to `max` (an HTTP date, or anything
+/// else, is ignored).
+fn retry_after(headers: &reqwest::header::HeaderMap, max: Duration) -> Option<Duration> {
+    let secs = headers
+        .get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()?;
+    let asked = Duration::from_secs(secs);
+    if asked > max {
+        tracing::warn!(
+            asked_secs = secs,
+            clamped_to = ?max,
+            "the API asked to wait longer than the daemon ever waits; clamped"
+        );
+    }
+    Some(asked.min(max))
+}
+
+/// Reads a body up to `cap` bytes, chunk by chunk; a longer body is dropped
+/// (and its connection with it) as malformed.
+async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, ApiError> {
+    if resp.content_length().is_some_and(|n| n > cap as u64) {
+        return Err(ApiError::Malformed(format!(
+            "answer body of {} bytes is over the {cap}-byte limit",
+            resp.content_length().unwrap_or_default()
+        )));
+    }
+    let mut out = Vec::new();
+    while let Some(chunk) = resp.chunk().await.map_err(network)? {
+        if out.len() + chunk.len() > cap {
+            return Err(ApiError::Malformed(format!(
+                "answer body over the {cap}-byte limit"
+            )));
+        }
+        out.extend_from_slice(&chunk);
+    }
+    Ok(out)
 }
 
 fn network(e: reqwest::Error) -> ApiError {
@@ -455,6 +600,90 @@ mod tests {
         let refused = c(400, Some(400), "input.seed: bad");
         assert!(!refused.is_transient() && refused.pause_reason().is_none());
         assert_eq!(refused.fail_code(), "HTTP_400");
+    }
+
+    /// A server that answers every connection with `answer` (raw HTTP), or
+    /// closes it at once when `answer` is empty.
+    async fn raw_server(answer: &'static str) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 64 * 1024];
+                let _ = s.read(&mut buf).await;
+                if !answer.is_empty() {
+                    let _ = s.write_all(answer.as_bytes()).await;
+                }
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    async fn submit_to(base: &str) -> Result<String, ApiError> {
+        let client = ApiClient::new(
+            reqwest::Client::new(),
+            base,
+            &ApiKey::new("k"),
+            Duration::from_secs(5),
+        );
+        let spec = RowSpec {
+            image_url: "https://x/i.png".into(),
+            mask_url: None,
+            audio_url: "https://x/a.mp3".into(),
+            prompt: None,
+            resolution: None,
+            seed: None,
+            provider: None,
+        };
+        let defaults = RowDefaults::default();
+        client
+            .submit(&SubmitBody::new(&spec, &defaults, None))
+            .await
+    }
+
+    #[tokio::test]
+    async fn a_submit_never_sent_is_not_ambiguous_one_sent_and_lost_is() {
+        // Nothing listens: never sent, safe to retry.
+        let closed = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            l.local_addr().expect("addr")
+        };
+        let e = submit_to(&format!("http://{closed}"))
+            .await
+            .expect_err("refused");
+        assert!(e.is_transient() && !e.is_ambiguous(), "{e}");
+        // Sent, then the connection closed without an answer.
+        let e = submit_to(&raw_server("").await).await.expect_err("lost");
+        assert!(e.is_ambiguous() && !e.is_transient(), "{e}");
+        // Sent, answered 200 with garbage.
+        let garbage = "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nconnection: close\r\n\r\n<html";
+        let e = submit_to(&raw_server(garbage).await)
+            .await
+            .expect_err("garbage");
+        assert!(e.is_ambiguous(), "{e}");
+        // The service refused it: transient, not ambiguous.
+        let busy = "HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\nconnection: close\r\n\r\nbusy";
+        let e = submit_to(&raw_server(busy).await).await.expect_err("503");
+        assert!(e.is_transient() && !e.is_ambiguous(), "{e}");
+        // An absurd Retry-After is clamped.
+        let slow = "HTTP/1.1 429 Too Many Requests\r\nretry-after: 99999999999\r\ncontent-length: 2\r\nconnection: close\r\n\r\n{}";
+        let e = submit_to(&raw_server(slow).await).await.expect_err("429");
+        assert_eq!(e.retry_after(), Some(MAX_RETRY_AFTER));
+    }
+
+    #[test]
+    fn result_urls_are_capped() {
+        let urls: Vec<String> = (0..10_000).map(|i| format!("http://x/{i}.mp4")).collect();
+        let data = serde_json::json!({
+            "taskId": "t1", "state": "success",
+            "resultJson": serde_json::json!({"resultUrls": urls}).to_string(),
+        });
+        let s = TaskStatus::from_data(data, Some("t1")).expect("valid");
+        assert_eq!(s.result_urls.len(), MAX_RESULT_URLS);
+        assert_eq!(s.result_urls[0], "http://x/0.mp4");
     }
 
     #[test]

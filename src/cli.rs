@@ -36,6 +36,12 @@ pub enum Command {
     Retry(RetryArgs),
     /// Stop submitting a batch: its queued rows end failed (CANCELLED).
     Cancel(CancelArgs),
+    /// Stop submitting a batch's rows until resumed (its running tasks finish).
+    Pause(CancelArgs),
+    /// Submit a paused batch's rows again.
+    Resume(CancelArgs),
+    /// Set a batch's share of submissions among the active batches.
+    Priority(PriorityArgs),
     /// Print a one-time link that opens the running daemon's console.
     Console(ConsoleArgs),
 }
@@ -64,6 +70,17 @@ pub struct RetryArgs {
     /// Only rows failed with these fail codes (comma-separated); all failed rows without it.
     #[arg(long, value_name = "C,...", value_delimiter = ',')]
     pub codes: Option<Vec<String>>,
+    #[command(flatten)]
+    pub daemon: DaemonArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct PriorityArgs {
+    /// The batch (its folder name under the outbox).
+    pub batch: String,
+    /// high, normal or low: rows taken from the batch per round (4, 2, 1).
+    #[arg(value_parser = ["high", "normal", "low"])]
+    pub level: String,
     #[command(flatten)]
     pub daemon: DaemonArgs,
 }
@@ -148,12 +165,20 @@ pub struct RunArgs {
     /// Prompt for rows that leave it blank [default: empty].
     #[arg(long, value_name = "TEXT")]
     pub prompt: Option<String>,
-    /// Limit of one API request [default: 30s].
+    /// Limit of one API request [default: 15s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub api_timeout: Option<Duration>,
-    /// A graceful stop finishes within this [default: 20s].
+    /// A graceful stop finishes within this; must exceed --api-timeout [default: 20s].
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub stop_timeout: Option<Duration>,
+    /// Further attempts of a row whose submit answer was lost or unreadable,
+    /// each counted as paid [default: 2].
+    #[arg(long, value_name = "N")]
+    pub max_ambiguous_submits: Option<u32>,
+    /// Accept a plain http:// --api-base that is not loopback (the key then
+    /// crosses the network in clear).
+    #[arg(long)]
+    pub allow_insecure_api: bool,
     /// Run against the built-in simulator in-process; no key needed.
     #[arg(long)]
     pub simulate: bool,

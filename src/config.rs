@@ -119,6 +119,21 @@ pub struct FileSettings {
     /// Spend cap in US dollars.
     #[serde(alias = "max_spend_usd")]
     pub max_spend_usd: Option<f64>,
+    /// Further attempts of a row whose submit was ambiguous.
+    #[serde(alias = "max_ambiguous_submits")]
+    pub max_ambiguous_submits: Option<u32>,
+    /// Largest video file downloaded, in bytes.
+    #[serde(alias = "max_video_bytes")]
+    pub max_video_bytes: Option<u64>,
+    /// Longest one download attempt may take, whatever the server trickles.
+    #[serde(default, alias = "download_attempt_timeout", with = "humantime_serde")]
+    pub download_attempt_timeout: Option<Duration>,
+    /// Longest `Retry-After` honoured (at most 1 h).
+    #[serde(default, alias = "max_retry_after", with = "humantime_serde")]
+    pub max_retry_after: Option<Duration>,
+    /// Allow an `http://` API base that is not loopback.
+    #[serde(alias = "allow_insecure_api")]
+    pub allow_insecure_api: Option<bool>,
 }
 
 impl FileSettings {
@@ -189,7 +204,26 @@ pub struct Settings {
     pub config_path: Option<PathBuf>,
     /// `--max-spend-usd` was given as a flag: it wins over the file, also on reload.
     pub spend_cap_from_flag: bool,
+    /// Further attempts of a row after an ambiguous submit (each counted as paid).
+    pub max_ambiguous_submits: u32,
+    /// Largest video file downloaded; a longer one fails the attempt.
+    pub max_video_bytes: u64,
+    /// Deadline of one download attempt (a `.part` file keeps what arrived).
+    pub download_attempt_timeout: Duration,
+    /// Longest `Retry-After` honoured.
+    pub max_retry_after: Duration,
+    /// Warnings found while resolving (logged once logging is up).
+    pub warnings: Vec<String>,
 }
+
+/// Defaults and bounds of the settings that are durations or sizes.
+pub const DEFAULT_API_TIMEOUT: Duration = Duration::from_secs(15);
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(20);
+pub const DEFAULT_MAX_AMBIGUOUS_SUBMITS: u32 = 2;
+pub const DEFAULT_MAX_VIDEO_BYTES: u64 = 2 * 1024 * 1024 * 1024;
+pub const DEFAULT_DOWNLOAD_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(3600);
+const HOUR: Duration = Duration::from_secs(3600);
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 /// Where the key comes from when no flag or file names it.
 #[derive(Debug, Clone, Default)]
@@ -236,13 +270,16 @@ impl Settings {
             .or_else(|| env.api_base.clone())
             .unwrap_or_else(|| DEFAULT_API_BASE.to_owned());
         let api_base = api_base.trim_end_matches('/').to_owned();
-        url::Url::parse(&api_base).map_err(|e| ConfigError::Invalid {
+        let parsed = url::Url::parse(&api_base).map_err(|e| ConfigError::Invalid {
             key: "api-base",
             message: format!("{api_base:?} is not a URL: {e}"),
         })?;
+        let allow_insecure = args.allow_insecure_api || file.allow_insecure_api.unwrap_or(false);
+        check_api_base(&parsed, allow_insecure)?;
+        let mut warnings = Vec::new();
 
         let key_file = args.api_key_file.clone().or(file.api_key_file);
-        let api_key = read_key(key_file.as_deref(), env)?;
+        let api_key = read_key(key_file.as_deref(), env, &mut warnings)?;
         if api_key.is_none() && !simulate {
             return Err(match &env.credentials_directory {
                 Some(dir) => ConfigError::NoKeyCredential { dir: dir.clone() },
@@ -270,6 +307,8 @@ impl Settings {
             .poll_max
             .or(file.poll_max)
             .unwrap_or(Duration::from_secs(30 * 60));
+        at_most("poll-min", poll_min, DAY)?;
+        at_most("poll-max", poll_max, DAY)?;
         if poll_min.is_zero() {
             return Err(ConfigError::Invalid {
                 key: "poll-min",
@@ -324,12 +363,50 @@ impl Settings {
         let api_timeout = args
             .api_timeout
             .or(file.api_timeout)
-            .unwrap_or(Duration::from_secs(30));
+            .unwrap_or(DEFAULT_API_TIMEOUT);
         nonzero("api-timeout", api_timeout)?;
+        at_most("api-timeout", api_timeout, HOUR)?;
         let stop_timeout = args
             .stop_timeout
             .or(file.stop_timeout)
-            .unwrap_or(Duration::from_secs(20));
+            .unwrap_or(DEFAULT_STOP_TIMEOUT);
+        at_most("stop-timeout", stop_timeout, 2 * HOUR)?;
+        if stop_timeout <= api_timeout {
+            // A stop waits for every submit in flight: one cut short may
+            // still create a task that nobody records.
+            return Err(ConfigError::Invalid {
+                key: "stop-timeout",
+                message: format!(
+                    "--stop-timeout ({}) must be longer than --api-timeout ({}): a graceful stop waits for the submits in flight",
+                    humantime::format_duration(stop_timeout),
+                    humantime::format_duration(api_timeout)
+                ),
+            });
+        }
+        let max_video_bytes = file.max_video_bytes.unwrap_or(DEFAULT_MAX_VIDEO_BYTES);
+        if max_video_bytes == 0 {
+            return Err(ConfigError::Invalid {
+                key: "max-video-bytes",
+                message: "must be at least 1".into(),
+            });
+        }
+        let download_attempt_timeout = file
+            .download_attempt_timeout
+            .unwrap_or(DEFAULT_DOWNLOAD_ATTEMPT_TIMEOUT);
+        nonzero("download-attempt-timeout", download_attempt_timeout)?;
+        at_most("download-attempt-timeout", download_attempt_timeout, DAY)?;
+        let max_retry_after = file.max_retry_after.unwrap_or(HOUR);
+        at_most("max-retry-after", max_retry_after, HOUR)?;
+        let pause_probe = args
+            .pause_probe
+            .or(file.pause_probe)
+            .unwrap_or(Duration::from_secs(30));
+        nonzero("pause-probe", pause_probe)?;
+        at_most("pause-probe", pause_probe, DAY)?;
+        let download_give_up = file
+            .download_give_up
+            .unwrap_or(Duration::from_secs(15 * 24 * 3600));
+        at_most("download-give-up", download_give_up, 366 * DAY)?;
         let max_spend_usd = args.max_spend_usd.or(file.max_spend_usd);
         if let Some(cap) = max_spend_usd
             && !(cap.is_finite() && cap >= 0.0)
@@ -384,19 +461,22 @@ impl Settings {
                 .to_vec()
             }),
             max_resubmits: file.max_resubmits.unwrap_or(2),
-            download_give_up: file
-                .download_give_up
-                .unwrap_or(Duration::from_secs(15 * 24 * 3600)),
+            download_give_up,
             task_lost_after: file.task_lost_after.unwrap_or(Duration::from_secs(30 * 60)),
             max_downloads,
-            pause_probe: args
-                .pause_probe
-                .or(file.pause_probe)
-                .unwrap_or(Duration::from_secs(30)),
+            pause_probe,
             probe: args.probe || file.probe.unwrap_or(false),
             max_spend_usd,
             config_path: args.config.clone(),
             spend_cap_from_flag: args.max_spend_usd.is_some(),
+            max_ambiguous_submits: args
+                .max_ambiguous_submits
+                .or(file.max_ambiguous_submits)
+                .unwrap_or(DEFAULT_MAX_AMBIGUOUS_SUBMITS),
+            max_video_bytes,
+            download_attempt_timeout,
+            max_retry_after,
+            warnings,
         })
     }
 }
@@ -437,6 +517,52 @@ fn positive(key: &'static str, value: u32) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Durations from settings are added to clocks: absurd ones are refused
+/// here rather than overflowing later.
+fn at_most(key: &'static str, value: Duration, max: Duration) -> Result<(), ConfigError> {
+    if value > max {
+        return Err(ConfigError::Invalid {
+            key,
+            message: format!(
+                "{} is longer than the most allowed, {}",
+                humantime::format_duration(value),
+                humantime::format_duration(max)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// An `http://` API base sends the key in clear: only loopback, unless
+/// `--allow-insecure-api` says it is meant.
+fn check_api_base(url: &url::Url, allow_insecure: bool) -> Result<(), ConfigError> {
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" => {
+            let loopback = match url.host() {
+                Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+                Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+                Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+                None => false,
+            };
+            if loopback || allow_insecure {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    key: "api-base",
+                    message: format!(
+                        "{url} is plain http to another machine: the API key would cross the network in clear; use https, or pass --allow-insecure-api if this is meant"
+                    ),
+                })
+            }
+        }
+        other => Err(ConfigError::Invalid {
+            key: "api-base",
+            message: format!("scheme {other:?}: must be https (or http on loopback)"),
+        }),
+    }
+}
+
 fn nonzero(key: &'static str, value: Duration) -> Result<(), ConfigError> {
     if value.is_zero() {
         return Err(ConfigError::Invalid {
@@ -447,12 +573,19 @@ fn nonzero(key: &'static str, value: Duration) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn read_key(file: Option<&Path>, env: &Environment) -> Result<Option<ApiKey>, ConfigError> {
-    let from_file = |path: &Path| -> Result<Option<ApiKey>, ConfigError> {
+fn read_key(
+    file: Option<&Path>,
+    env: &Environment,
+    warnings: &mut Vec<String>,
+) -> Result<Option<ApiKey>, ConfigError> {
+    let mut from_file = |path: &Path| -> Result<Option<ApiKey>, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::KeyFile {
             path: path.to_owned(),
             source,
         })?;
+        if let Some(w) = key_file_warning(path) {
+            warnings.push(w);
+        }
         let key = text.trim();
         Ok((!key.is_empty()).then(|| ApiKey::new(key)))
     };
@@ -469,6 +602,19 @@ fn read_key(file: Option<&Path>, env: &Environment) -> Result<Option<ApiKey>, Co
         }
     }
     Ok(None)
+}
+
+/// A warning when the key file can be read by group or others.
+fn key_file_warning(path: &Path) -> Option<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path).ok()?.permissions().mode();
+    (mode & 0o044 != 0).then(|| {
+        format!(
+            "the API key file {} is readable by group or others (mode {:o}); chmod 600 it",
+            path.display(),
+            mode & 0o777
+        )
+    })
 }
 
 #[cfg(test)]
@@ -529,6 +675,56 @@ mod tests {
         assert_eq!(s.max_concurrent, 7);
         assert_eq!(s.max_requests_per_minute, 600);
         assert_eq!(s.poll_min, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn ambiguous_bound_from_file_or_flag() {
+        let mut a = args();
+        a.simulate = true;
+        let file: FileSettings = toml::from_str("max-ambiguous-submits = 5").expect("toml");
+        let s = Settings::merge(&a, file, &Environment::default()).expect("valid");
+        assert_eq!(s.max_ambiguous_submits, 5);
+        a.max_ambiguous_submits = Some(0);
+        let file: FileSettings = toml::from_str("max-ambiguous-submits = 5").expect("toml");
+        let s = Settings::merge(&a, file, &Environment::default()).expect("valid");
+        assert_eq!(s.max_ambiguous_submits, 0);
+        let s =
+            Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
+        assert_eq!(s.api_timeout, DEFAULT_API_TIMEOUT);
+        assert!(s.stop_timeout > s.api_timeout, "the defaults agree");
+    }
+
+    #[test]
+    fn loopback_http_is_fine_other_http_needs_the_flag() {
+        let mut a = args();
+        a.simulate = true;
+        a.api_base = Some("http://127.0.0.1:9/".into());
+        Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("loopback");
+        a.api_base = Some("http://api.example.com".into());
+        let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
+            .expect_err("insecure");
+        assert!(err.to_string().contains("--allow-insecure-api"), "{err}");
+        a.allow_insecure_api = true;
+        Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("allowed");
+    }
+
+    #[test]
+    fn a_key_file_readable_by_others_is_warned_about() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("key");
+        std::fs::write(&path, "sk-1\n").expect("key");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let mut a = args();
+        a.api_key_file = Some(path.clone());
+        let s =
+            Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(!s.warnings[0].contains("sk-1"));
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let s =
+            Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
+        assert!(s.warnings.is_empty());
     }
 
     #[test]

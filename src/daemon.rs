@@ -88,6 +88,9 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), DaemonError> {
     let started = Instant::now();
+    for warning in &settings.warnings {
+        tracing::warn!("{warning}");
+    }
     let settings = Arc::new(settings);
     for dir in [&settings.inbox, &settings.outbox] {
         std::fs::create_dir_all(dir).map_err(|source| DaemonError::Folder {
@@ -114,6 +117,8 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
         .await
         .map_err(|e| DaemonError::Join(e.to_string()))??;
+    // A simulated run's spend is kept apart: never counted as real money.
+    store.set_simulated_spend(settings.simulate);
     let admin_token = {
         let state_dir = settings.state.clone();
         tokio::task::spawn_blocking(move || crate::admin::load_or_create(&state_dir))
@@ -155,7 +160,8 @@ pub async fn serve(
         .user_agent(concat!("infinitetalk-batch/", env!("CARGO_PKG_VERSION")))
         .build()
         .map_err(|e| DaemonError::Http(e.to_string()))?;
-    let api = ApiClient::new(http.clone(), &api_base, &key, settings.api_timeout);
+    let api = ApiClient::new(http.clone(), &api_base, &key, settings.api_timeout)
+        .with_max_retry_after(settings.max_retry_after);
     let secret = store.callback_secret(random_secret)?;
     let callback_url = settings
         .callback_url
@@ -259,10 +265,12 @@ pub async fn serve(
     front_stop.cancel();
     engine_stop.cancel();
     engine.tracker.close();
-    // Keep a margin for the final flush within the stop timeout.
-    let deadline = settings
-        .stop_timeout
-        .saturating_sub(Duration::from_millis(500));
+    // Keep a margin for the final flush within the stop timeout, never
+    // eating into the time a submit in flight may take (`--stop-timeout`
+    // exceeds `--api-timeout`: checked at start).
+    let margin = Duration::from_millis(500)
+        .min(settings.stop_timeout.saturating_sub(settings.api_timeout) / 2);
+    let deadline = settings.stop_timeout.saturating_sub(margin);
     let drained = tokio::time::timeout(deadline, async {
         sup.wait().await;
         engine.tracker.wait().await;

@@ -1,8 +1,13 @@
 //! Downloads of finished tasks' videos into the batch folder.
 //!
-//! Each file streams into a hidden `.NAME.part` beside its final name,
-//! resumes with `Range` after a cut, is checked against the announced
-//! length, fsynced and only then renamed into place. A result URL that
+//! Each file streams into a hidden `.NAME.TASK.part` beside its final name
+//! (TASK: a digest of the task id, so a part file is only ever resumed by
+//! the task that began it), opened without following symlinks; it resumes
+//! with `Range` after a cut, is checked against the announced length and
+//! `max-video-bytes`, is bounded in time by `download-attempt-timeout`,
+//! fsynced and only then renamed into place. Each finished file is recorded
+//! with its task; a file at the final name not recorded as this task's
+//! output (one left by an earlier task) is downloaded over, never taken. A result URL that
 //! answers 403/404/410 has expired: the status endpoint is asked for fresh
 //! URLs before anything else. Failures never resubmit the task; a row fails
 //! only when its files stay out of reach for `download_give_up` after the
@@ -35,6 +40,9 @@ pub enum DownloadError {
     /// server is working.
     #[error("cut after {written} bytes: {reason}")]
     Cut { written: u64, reason: String },
+    /// The server announces a video larger than `max-video-bytes`.
+    #[error("the video is {announced} bytes, over max-video-bytes ({max})")]
+    TooLarge { announced: u64, max: u64 },
     /// Writing the file failed (disk full, permissions).
     #[error("writing {path}: {source}")]
     Disk {
@@ -44,12 +52,39 @@ pub enum DownloadError {
     },
 }
 
-/// The file name of result `index` (0-based) of row `id`.
+/// The file name of result `index` (0-based) of row `id`: `ID.mp4`, then
+/// `ID~2.mp4`, ... (`~` is outside the id alphabet, so no two rows can
+/// claim the same name).
 pub fn output_name(id: &str, index: usize) -> String {
     if index == 0 {
         format!("{id}.mp4")
     } else {
-        format!("{id}-{}.mp4", index + 1)
+        format!("{id}~{}.mp4", index + 1)
+    }
+}
+
+/// The part file of `dest` for `task_id`: hidden, and named for the task so
+/// that another task never resumes it.
+fn part_path(dest: &Path, task_id: &str) -> PathBuf {
+    use sha2::{Digest, Sha256};
+    let digest = crate::ingest::hex(&Sha256::digest(task_id.as_bytes()));
+    fsutil::temp_path(dest, &format!("{}.part", &digest[..16]))
+}
+
+/// Removes part files of `dest` left by other tasks (best effort).
+async fn remove_other_parts(dest: &Path, keep: &Path) {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
+        return;
+    };
+    let prefix = format!(".{}.", name.to_string_lossy());
+    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
+        return;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let file = entry.file_name().to_string_lossy().into_owned();
+        if file.starts_with(&prefix) && file.ends_with(".part") && entry.path() != keep {
+            let _ = tokio::fs::remove_file(entry.path()).await;
+        }
     }
 }
 
@@ -117,7 +152,7 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
                 return;
             }
         };
-        match fetch_all(engine, &batch, &record).await {
+        match fetch_all(engine, key, &batch, &record).await {
             Ok(outputs) => {
                 let files = outputs.len();
                 match engine.apply(key, Op::Downloaded { outputs }).await {
@@ -127,6 +162,16 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
                     Err(e) => {
                         tracing::error!(batch = %batch, row = %record.id, error = %e, "cannot record a finished download")
                     }
+                }
+                return;
+            }
+            Err(e @ DownloadError::TooLarge { .. }) => {
+                let msg = e.to_string();
+                if let Err(se) = engine
+                    .fail_row(key, RowState::Downloading, "VIDEO_TOO_LARGE", &msg)
+                    .await
+                {
+                    tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record a failed download");
                 }
                 return;
             }
@@ -225,41 +270,131 @@ async fn refresh_urls(engine: &Arc<Engine>, key: RowKey, record: &RowRecord) {
 
 async fn fetch_all(
     engine: &Engine,
+    key: RowKey,
     batch: &str,
     record: &RowRecord,
 ) -> Result<Vec<String>, DownloadError> {
     let dir = engine.folders.batch_dir(batch);
+    let task_id = record.task_id.clone().unwrap_or_default();
     let mut outputs = Vec::with_capacity(record.result_urls.len());
     for (i, url) in record.result_urls.iter().enumerate() {
         let name = output_name(&record.id, i);
         let dest = dir.join(&name);
-        if !tokio::fs::try_exists(&dest).await.unwrap_or(false) {
-            fetch_one(engine, url, &dest).await?;
+        // Only a file recorded as this task's output is taken as done.
+        let present = tokio::fs::symlink_metadata(&dest)
+            .await
+            .is_ok_and(|m| m.is_file());
+        if !(present && record.owns_file(&name, &task_id)) {
+            fetch_one(engine, url, &dest, &task_id).await?;
+            let op = Op::FileSaved {
+                task_id: task_id.clone(),
+                name: name.clone(),
+            };
+            engine
+                .apply(key, op)
+                .await
+                .map_err(|e| DownloadError::Transient(format!("cannot record {name}: {e}")))?;
         }
         outputs.push(name);
     }
     Ok(outputs)
 }
 
-/// Downloads `url` to `dest`, resuming a `.part` file left by an earlier try.
-pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), DownloadError> {
-    let part = fsutil::temp_path(dest, "part");
+/// Opens (creating) a part file without following a symlink and without
+/// blocking on a FIFO, and checks that the handle is a regular file.
+/// Anything else found at the name is removed (it is ours: a hidden name in
+/// the batch folder), and the attempt fails so that the next one starts clean.
+async fn open_part(part: &Path, append: bool) -> Result<tokio::fs::File, DownloadError> {
     let disk = |source| DownloadError::Disk {
-        path: part.clone(),
+        path: part.to_owned(),
         source,
     };
-    let have = match tokio::fs::metadata(&part).await {
-        Ok(m) => m.len(),
+    let opened = tokio::fs::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(append)
+        .truncate(!append)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(part)
+        .await;
+    let file = match opened {
+        Ok(f) => f,
+        Err(e)
+            if e.raw_os_error() == Some(libc::ELOOP) || e.raw_os_error() == Some(libc::ENXIO) =>
+        {
+            let _ = tokio::fs::remove_file(part).await;
+            return Err(DownloadError::Transient(format!(
+                "{} was not a regular file ({e}); removed it",
+                part.display()
+            )));
+        }
+        Err(e) => return Err(disk(e)),
+    };
+    let meta = file.metadata().await.map_err(disk)?;
+    if !meta.is_file() {
+        drop(file);
+        let _ = tokio::fs::remove_file(part).await;
+        return Err(DownloadError::Transient(format!(
+            "{} was not a regular file; removed it",
+            part.display()
+        )));
+    }
+    Ok(file)
+}
+
+/// Downloads `url` to `dest` for `task_id`, resuming the task's `.part`
+/// file left by an earlier try.
+pub async fn fetch_one(
+    engine: &Engine,
+    url: &str,
+    dest: &Path,
+    task_id: &str,
+) -> Result<(), DownloadError> {
+    let part = part_path(dest, task_id);
+    remove_other_parts(dest, &part).await;
+    let deadline = tokio::time::Instant::now()
+        .checked_add(engine.settings.download_attempt_timeout)
+        .unwrap_or_else(tokio::time::Instant::now);
+    let result = fetch_into(engine, url, dest, &part, deadline).await;
+    if let Err(e) = &result {
+        tracing::debug!(part = %part.display(), error = %e, "download attempt ended");
+    }
+    result
+}
+
+async fn fetch_into(
+    engine: &Engine,
+    url: &str,
+    dest: &Path,
+    part: &Path,
+    deadline: tokio::time::Instant,
+) -> Result<(), DownloadError> {
+    let max = engine.settings.max_video_bytes;
+    let disk = |source| DownloadError::Disk {
+        path: part.to_owned(),
+        source,
+    };
+    let have = match tokio::fs::symlink_metadata(part).await {
+        Ok(m) if m.is_file() => m.len(),
+        Ok(_) => {
+            // Not ours to follow: a planted link or FIFO goes.
+            let _ = tokio::fs::remove_file(part).await;
+            0
+        }
         Err(_) => 0,
     };
     let mut req = engine.http.get(url);
     if have > 0 {
         req = req.header(reqwest::header::RANGE, format!("bytes={have}-"));
     }
-    let resp = req
-        .send()
-        .await
-        .map_err(|e| DownloadError::Transient(crate::api::error_chain(&e)))?;
+    let resp = match tokio::time::timeout_at(deadline, req.send()).await {
+        Ok(sent) => sent.map_err(|e| DownloadError::Transient(crate::api::error_chain(&e)))?,
+        Err(_) => {
+            return Err(DownloadError::Transient(
+                "no answer within download-attempt-timeout".into(),
+            ));
+        }
+    };
     let status = resp.status().as_u16();
     match status {
         403 | 404 | 410 => {
@@ -268,7 +403,7 @@ pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), Do
         }
         416 => {
             // Our partial file is not a prefix of this one: start over.
-            let _ = tokio::fs::remove_file(&part).await;
+            let _ = tokio::fs::remove_file(part).await;
             return Err(DownloadError::Transient(
                 "range not satisfiable; restarting".into(),
             ));
@@ -288,7 +423,7 @@ pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), Do
         match range {
             Some((start, total)) if start == have => (start, total),
             _ => {
-                let _ = tokio::fs::remove_file(&part).await;
+                let _ = tokio::fs::remove_file(part).await;
                 return Err(DownloadError::Transient(
                     "unexpected Content-Range; restarting".into(),
                 ));
@@ -297,23 +432,36 @@ pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), Do
     } else {
         (0, resp.content_length())
     };
-    let mut file = tokio::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .append(start > 0)
-        .truncate(start == 0)
-        .open(&part)
-        .await
-        .map_err(disk)?;
+    if let Some(announced) = total.filter(|t| *t > max) {
+        let _ = tokio::fs::remove_file(part).await;
+        return Err(DownloadError::TooLarge { announced, max });
+    }
+    // The most this answer may bring: the announced length, or the cap.
+    let limit = total.unwrap_or(max);
+    let mut file = open_part(part, start > 0).await?;
     let mut written = start;
     let mut body = resp.bytes_stream();
     let mut cut = None;
-    while let Some(chunk) = body.next().await {
+    let mut over = None;
+    loop {
+        let next = match tokio::time::timeout_at(deadline, body.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                cut = Some("download-attempt-timeout reached".to_owned());
+                break;
+            }
+        };
+        let Some(chunk) = next else { break };
         match chunk {
             Ok(bytes) => {
+                let len = bytes.len() as u64;
+                if written.saturating_add(len) > limit {
+                    over = Some(written.saturating_add(len));
+                    break;
+                }
                 file.write_all(&bytes).await.map_err(disk)?;
-                written += bytes.len() as u64;
-                engine.metrics.download_bytes.inc_by(bytes.len() as u64);
+                written += len;
+                engine.metrics.download_bytes.inc_by(len);
             }
             Err(e) => {
                 cut = Some(crate::api::error_chain(&e));
@@ -321,11 +469,34 @@ pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), Do
             }
         }
     }
+    drop(body);
+    if let Some(got) = over {
+        // More than announced (or than the cap): nothing of it is trusted.
+        drop(file);
+        let _ = tokio::fs::remove_file(part).await;
+        engine.metrics.request("download", "transient");
+        return Err(DownloadError::Transient(format!(
+            "the server sent at least {got} bytes, more than {} ({}); discarded",
+            limit,
+            if total.is_some() {
+                "the announced length"
+            } else {
+                "max-video-bytes"
+            }
+        )));
+    }
     file.flush().await.map_err(disk)?;
     file.sync_all().await.map_err(disk)?;
     drop(file);
     if let Some(reason) = cut {
         engine.metrics.request("download", "transient");
+        if total.is_none() {
+            // Without an announced length a resume cannot be checked.
+            let _ = tokio::fs::remove_file(part).await;
+            return Err(DownloadError::Transient(format!(
+                "cut after {written} bytes of unannounced length: {reason}"
+            )));
+        }
         if written > start {
             return Err(DownloadError::Cut { written, reason });
         }
@@ -340,7 +511,7 @@ pub async fn fetch_one(engine: &Engine, url: &str, dest: &Path) -> Result<(), Do
             "got {written} of {total} bytes"
         )));
     }
-    tokio::fs::rename(&part, dest)
+    tokio::fs::rename(part, dest)
         .await
         .map_err(|source| DownloadError::Disk {
             path: dest.to_owned(),
@@ -376,7 +547,51 @@ mod tests {
     #[test]
     fn names_follow_the_contract() {
         assert_eq!(output_name("r1", 0), "r1.mp4");
-        assert_eq!(output_name("r1", 1), "r1-2.mp4");
+        assert_eq!(output_name("r1", 1), "r1~2.mp4");
+        assert_eq!(output_name("r1", 2), "r1~3.mp4");
+        // Row `clip`'s second video never takes row `clip-2`'s name.
+        assert_ne!(output_name("clip", 1), output_name("clip-2", 0));
+    }
+
+    #[tokio::test]
+    async fn part_files_never_follow_links_nor_block_on_fifos() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = dir.path().join("target.txt");
+        std::fs::write(&target, b"keep").expect("target");
+        let part = dir.path().join(".v.mp4.abc.part");
+        std::os::unix::fs::symlink(&target, &part).expect("link");
+        assert!(open_part(&part, false).await.is_err());
+        assert_eq!(std::fs::read(&target).expect("target"), b"keep");
+        assert!(std::fs::symlink_metadata(&part).is_err(), "the link went");
+
+        let status = std::process::Command::new("mkfifo")
+            .arg(&part)
+            .status()
+            .expect("mkfifo");
+        assert!(status.success());
+        let opened = tokio::time::timeout(Duration::from_secs(5), open_part(&part, true))
+            .await
+            .expect("a FIFO does not block the open");
+        assert!(opened.is_err());
+        assert!(std::fs::symlink_metadata(&part).is_err(), "the FIFO went");
+
+        // A plain part file opens and appends.
+        std::fs::write(&part, b"ab").expect("part");
+        let mut f = open_part(&part, true).await.expect("regular file");
+        f.write_all(b"c").await.expect("write");
+        f.flush().await.expect("flush");
+        assert_eq!(std::fs::read(&part).expect("part"), b"abc");
+    }
+
+    #[test]
+    fn part_names_differ_by_task() {
+        let dest = Path::new("/o/b/r.mp4");
+        assert_ne!(part_path(dest, "t1"), part_path(dest, "t2"));
+        assert!(
+            part_path(dest, "t1")
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with(".r.mp4."))
+        );
     }
 
     #[test]

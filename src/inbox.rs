@@ -13,7 +13,8 @@
 //!
 //! This module must never take a file twice at once, never move or delete a
 //! file itself (only `ingest` does), never touch a sub-folder of the inbox,
-//! and never open a file that is not a regular file (a FIFO would block).
+//! and never open a file itself: ingest takes it (rename into `.taking/`) and
+//! opens it without following links or blocking on a FIFO.
 
 use std::collections::HashMap;
 use std::io;
@@ -545,7 +546,7 @@ struct Stamp {
 #[derive(Debug)]
 enum Look {
     File(Stamp),
-    /// Gone, or a dangling link: nothing to take (a rescan finds it again).
+    /// Gone: nothing to take (a rescan finds it again).
     Missing,
     /// A folder, FIFO or socket: never opened.
     NotAFile,
@@ -553,9 +554,11 @@ enum Look {
 }
 
 impl Look {
+    /// Never follows a symlink: a link is looked at itself, and taken so
+    /// that ingest can refuse it with a reason.
     fn at(path: &Path) -> Look {
-        match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => Look::File(Stamp {
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_file() || m.file_type().is_symlink() => Look::File(Stamp {
                 len: m.len(),
                 modified: m.modified().ok(),
                 inode: inode(&m),

@@ -7,6 +7,13 @@
 //! flushed; only then does the file leave the inbox. [`recover`] finishes or
 //! undoes whatever a crash interrupted, and a file still in the inbox is
 //! simply ingested again.
+//!
+//! A file is taken the maildir way: first renamed into the private folder
+//! `INBOX/.taking/`, then opened there without following a symlink and
+//! without blocking (a FIFO), and the open handle is checked to be a regular
+//! file; it is read only through that handle. A symlink is rejected with a
+//! reason, never followed. A file left in `.taking/` by a crash is finished
+//! or put back in the inbox by [`recover`].
 
 use std::fs;
 use std::io::{self, Read};
@@ -20,6 +27,8 @@ use crate::store::{BatchPhase, BatchRecord, Begin, Store, StoreError};
 
 /// Name of the folder under the inbox that holds rejected manifests.
 pub const REJECTED_DIR: &str = "rejected";
+/// Name of the private folder under the inbox where a file is taken.
+pub const TAKING_DIR: &str = ".taking";
 /// Name of the accepted manifest inside a batch folder.
 pub const MANIFEST_NAME: &str = "manifest.csv";
 
@@ -41,6 +50,10 @@ impl Folders {
 
     pub fn rejected_dir(&self) -> PathBuf {
         self.inbox.join(REJECTED_DIR)
+    }
+
+    pub fn taking_dir(&self) -> PathBuf {
+        self.inbox.join(TAKING_DIR)
     }
 }
 
@@ -83,7 +96,133 @@ pub fn ingest_file(
     file: &Path,
     simulated: bool,
 ) -> Result<Outcome, IngestError> {
-    let summary = match manifest::validate_path(file) {
+    let Some(taken) = take(folders, file)? else {
+        return Ok(Outcome::Unsettled);
+    };
+    let outcome = ingest_taken(store, folders, &taken, simulated);
+    // Whatever did not end the file's stay (a retry later) puts it back.
+    if matches!(outcome, Ok(Outcome::Unsettled) | Err(_)) && taken.symlink_metadata().is_ok() {
+        put_back(&taken, file);
+    }
+    // The private folder goes when empty (it fails harmlessly otherwise).
+    let _ = fs::remove_dir(folders.taking_dir());
+    outcome
+}
+
+/// Renames `file` into the private folder; `None` when it vanished.
+fn take(folders: &Folders, file: &Path) -> Result<Option<PathBuf>, IngestError> {
+    let dir = private_dir(folders)?;
+    let Some(name) = file.file_name() else {
+        return Ok(None);
+    };
+    let taken = dir.join(name);
+    if taken.symlink_metadata().is_ok() {
+        // A file of that name taken earlier could not be put back: never
+        // rename over it (the folder is private: no one else writes there).
+        tracing::warn!(file = %file.display(), taken = %taken.display(), "a file of this name is still in the private folder; move it out to let this one be taken");
+        return Ok(None);
+    }
+    match fs::rename(file, &taken) {
+        Ok(()) => Ok(Some(taken)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at(file)(e)),
+    }
+}
+
+/// `INBOX/.taking/`, created private; refused if something else (a link)
+/// sits at its name.
+fn private_dir(folders: &Folders) -> Result<PathBuf, IngestError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let dir = folders.taking_dir();
+    match fs::symlink_metadata(&dir) {
+        Ok(m) if m.is_dir() => Ok(dir),
+        Ok(_) => Err(io_at(&dir)(io::Error::other(
+            "is not a folder (a link?); remove it so that manifests can be taken",
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::DirBuilder::new()
+                .mode(0o700)
+                .create(&dir)
+                .or_else(|e| {
+                    if e.kind() == io::ErrorKind::AlreadyExists {
+                        Ok(())
+                    } else {
+                        Err(e)
+                    }
+                })
+                .map_err(io_at(&dir))?;
+            Ok(dir)
+        }
+        Err(e) => Err(io_at(&dir)(e)),
+    }
+}
+
+/// Moves a taken file back to the inbox (to be taken again later).
+fn put_back(taken: &Path, to: &Path) {
+    if to.symlink_metadata().is_ok() {
+        tracing::warn!(file = %taken.display(), "cannot put a manifest back: another file has its name in the inbox; it stays in the private folder");
+        return;
+    }
+    match fs::rename(taken, to) {
+        Ok(()) => {
+            if let Some(dir) = to.parent() {
+                let _ = fsutil::sync_dir(dir);
+            }
+        }
+        Err(e) => {
+            tracing::warn!(file = %taken.display(), error = %e, "cannot put a manifest back in the inbox");
+        }
+    }
+}
+
+/// Opens a taken file for reading: no symlink followed, no blocking open of
+/// a FIFO, and the handle must be a regular file. The inner `Err(reason)`
+/// is a file refused for good; I/O errors are the outer error.
+fn open_taken(taken: &Path) -> Result<Result<fs::File, String>, IngestError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let opened = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(taken);
+    let file = match opened {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Ok(Err(
+                "the manifest is a symbolic link; links are not followed (place the file itself in the inbox)"
+                    .into(),
+            ));
+        }
+        Err(e) => return Err(io_at(taken)(e)),
+    };
+    let meta = file.metadata().map_err(io_at(taken))?;
+    if !meta.is_file() {
+        return Ok(Err(
+            "the manifest is not a regular file (a FIFO, socket or device); it is not read".into(),
+        ));
+    }
+    Ok(Ok(file))
+}
+
+/// Ingests a file already in the private folder, from its handle.
+fn ingest_taken(
+    store: &Store,
+    folders: &Folders,
+    file: &Path,
+    simulated: bool,
+) -> Result<Outcome, IngestError> {
+    let handle = match open_taken(file)? {
+        Ok(handle) => handle,
+        Err(reason) => {
+            let problems = vec![Problem {
+                line: 1,
+                column: "-".into(),
+                message: reason,
+            }];
+            reject(folders, file, &problems)?;
+            return Ok(Outcome::Rejected { problems });
+        }
+    };
+    let summary = match manifest::validate_reader(&handle, file) {
         Ok(summary) => summary,
         Err(ManifestError::Invalid { problems, .. }) => {
             reject(folders, file, &problems)?;
@@ -125,7 +264,11 @@ pub fn ingest_file(
     let dest = folders.manifest_of(&batch.name);
     crate::failpoint::hit("ingest-before-copy");
     let copied = fs::create_dir_all(&dir)
-        .and_then(|()| copy_hashed(file, &dest))
+        .and_then(|()| {
+            let mut src = &handle;
+            io::Seek::seek(&mut src, io::SeekFrom::Start(0))?;
+            copy_hashed(src, &dest)
+        })
         .map_err(io_at(file));
     match copied {
         Ok(sha) if sha == summary.sha256 => {}
@@ -214,7 +357,36 @@ pub fn recover(store: &Store, folders: &Folders) -> Result<Vec<BatchRecord>, Ing
             _ => {}
         }
     }
+    put_back_leftovers(store, folders)?;
     Ok(accepted)
+}
+
+/// Files a stop left in the private folder, taken but not ingested, go back
+/// to the inbox to be taken again.
+fn put_back_leftovers(store: &Store, folders: &Folders) -> Result<(), IngestError> {
+    let dir = folders.taking_dir();
+    let entries = match fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_at(&dir)(e)),
+    };
+    let owned: Vec<PathBuf> = store
+        .batches()?
+        .into_iter()
+        .filter(|b| !b.source_removed)
+        .map(|b| b.source)
+        .collect();
+    for entry in entries {
+        let entry = entry.map_err(io_at(&dir))?;
+        let path = entry.path();
+        if owned.contains(&path) {
+            continue;
+        }
+        let to = folders.inbox.join(entry.file_name());
+        tracing::info!(file = %to.display(), "a manifest taken when the daemon stopped goes back to the inbox");
+        put_back(&path, &to);
+    }
+    Ok(())
 }
 
 /// Moves `file` to `rejected/NAME.csv` after writing `rejected/NAME.errors.txt`.
@@ -256,9 +428,8 @@ fn sha256_of(path: &Path) -> io::Result<String> {
     Ok(hex(&hasher.finalize()))
 }
 
-/// Copies `from` to `to` atomically, returning the SHA-256 of what was copied.
-fn copy_hashed(from: &Path, to: &Path) -> io::Result<String> {
-    let mut src = fs::File::open(from)?;
+/// Copies `src` to `to` atomically, returning the SHA-256 of what was copied.
+fn copy_hashed(mut src: impl Read, to: &Path) -> io::Result<String> {
     let mut hasher = Sha256::new();
     fsutil::write_atomic_with(to, |w| {
         let mut buf = vec![0u8; 256 * 1024];

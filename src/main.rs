@@ -52,9 +52,20 @@ fn main() -> ExitCode {
         Command::Status(args) => runtime(|| show_status(args)),
         Command::Retry(args) => {
             let req = manage::RetryRequest { codes: args.codes };
-            runtime(|| manage_batch(args.daemon, args.batch, Some(req)))
+            runtime(|| manage_batch(args.daemon, args.batch, Action::Retry(req)))
         }
-        Command::Cancel(args) => runtime(|| manage_batch(args.daemon, args.batch, None)),
+        Command::Cancel(args) => runtime(|| manage_batch(args.daemon, args.batch, Action::Cancel)),
+        Command::Pause(args) => runtime(|| manage_batch(args.daemon, args.batch, Action::Pause)),
+        Command::Resume(args) => runtime(|| manage_batch(args.daemon, args.batch, Action::Resume)),
+        Command::Priority(args) => match args.level.parse::<store::Priority>() {
+            Ok(priority) => {
+                runtime(|| manage_batch(args.daemon, args.batch, Action::Priority(priority)))
+            }
+            Err(e) => {
+                eprintln!("infinitetalk-batch priority: {e}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
         Command::Console(args) => runtime(|| console(args)),
         Command::Simulate(args) => {
             init_logging(LogFormat::Text, stderr_is_journal());
@@ -365,13 +376,31 @@ async fn probe_costs(args: &ValidateArgs, defaults: RowDefaults) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `retry` (with a request) or `cancel`: the daemon first, else the state folder.
-async fn manage_batch(
-    args: DaemonArgs,
-    batch: String,
-    retry: Option<manage::RetryRequest>,
-) -> ExitCode {
-    let what = if retry.is_some() { "retry" } else { "cancel" };
+/// What a batch command asks of the daemon (or of the state folder).
+enum Action {
+    Retry(manage::RetryRequest),
+    Cancel,
+    Pause,
+    Resume,
+    Priority(store::Priority),
+}
+
+impl Action {
+    /// The command's name, also the last segment of its route.
+    fn name(&self) -> &'static str {
+        match self {
+            Action::Retry(_) => "retry",
+            Action::Cancel => "cancel",
+            Action::Pause => "pause",
+            Action::Resume => "resume",
+            Action::Priority(_) => "priority",
+        }
+    }
+}
+
+/// A batch command: the daemon first, else the state folder.
+async fn manage_batch(args: DaemonArgs, batch: String, action: Action) -> ExitCode {
+    let what = action.name();
     let file = match &args.config {
         Some(path) => match FileSettings::load(path) {
             Ok(f) => f,
@@ -412,8 +441,14 @@ async fn manage_batch(
     if let Ok(token) = admin::read_token(&state) {
         request = request.bearer_auth(token.expose());
     }
-    if let Some(req) = &retry {
-        request = request.json(req);
+    match &action {
+        Action::Retry(req) => request = request.json(req),
+        Action::Priority(priority) => {
+            request = request.json(&manage::PriorityRequest {
+                priority: *priority,
+            });
+        }
+        Action::Cancel | Action::Pause | Action::Resume => {}
     }
     let (text, live) = match request.send().await {
         Ok(resp) if resp.status().is_success() => match resp.text().await {
@@ -433,17 +468,29 @@ async fn manage_batch(
             let batch2 = batch.clone();
             let done = tokio::task::spawn_blocking(move || -> Result<String, String> {
                 let store = store::Store::open(&state).map_err(|e| e.to_string())?;
-                let text = match &retry {
-                    Some(req) => {
+                let json = |v: Result<String, serde_json::Error>| v.map_err(|e| e.to_string());
+                let text = match &action {
+                    Action::Retry(req) => {
                         let out = manage::retry(&store, &batch2, req).map_err(|e| e.to_string())?;
-                        serde_json::to_string(&out).map_err(|e| e.to_string())?
+                        json(serde_json::to_string(&out))?
                     }
-                    None => {
+                    Action::Cancel => {
                         let out =
                             manage::cancel(&store, &folders, &batch2).map_err(|e| e.to_string())?;
                         manage::finish_offline(&store, &folders, &batch2)
                             .map_err(|e| e.to_string())?;
-                        serde_json::to_string(&out).map_err(|e| e.to_string())?
+                        json(serde_json::to_string(&out))?
+                    }
+                    Action::Pause | Action::Resume => {
+                        let paused = matches!(action, Action::Pause);
+                        let out = manage::set_paused(&store, &batch2, paused)
+                            .map_err(|e| e.to_string())?;
+                        json(serde_json::to_string(&out))?
+                    }
+                    Action::Priority(priority) => {
+                        let out = manage::set_priority(&store, &batch2, *priority)
+                            .map_err(|e| e.to_string())?;
+                        json(serde_json::to_string(&out))?
                     }
                 };
                 Ok(text)
@@ -552,6 +599,21 @@ async fn console(args: ConsoleArgs) -> ExitCode {
 
 /// The JSON outcome of retry/cancel, said plainly.
 fn describe(what: &str, json: &str) -> String {
+    if matches!(what, "pause" | "resume" | "priority") {
+        return match serde_json::from_str::<manage::ControlOutcome>(json) {
+            Ok(o) => format!(
+                "batch {}: {}, priority {}",
+                o.batch,
+                if o.paused {
+                    "paused (running tasks finish; nothing new is submitted)"
+                } else {
+                    "submitting"
+                },
+                o.priority.as_str()
+            ),
+            Err(_) => json.to_owned(),
+        };
+    }
     if what == "retry" {
         match serde_json::from_str::<manage::RetryOutcome>(json) {
             Ok(o) => format!(

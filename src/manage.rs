@@ -1,5 +1,6 @@
-//! Managing batches and money: `retry` and `cancel` of a batch, through the
-//! running daemon's listener (`POST /batches/{name}/retry`, `/cancel`) or
+//! Managing batches and money: `retry`, `cancel`, `pause`, `resume` and
+//! `priority` of a batch, through the running daemon's listener (`POST
+//! /batches/{name}/retry`, `/cancel`, `/pause`, `/resume`, `/priority`) or
 //! directly on the state folder when no daemon runs, and the spend gauges
 //! of `/metrics`.
 //!
@@ -19,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::dispatch::Engine;
 use crate::ingest::Folders;
 use crate::manifest::{ManifestError, RowReader};
-use crate::store::{BatchPhase, Op, RowState, Store, StoreError};
+use crate::store::{BatchPhase, Op, Priority, RowState, Store, StoreError};
 
 /// Rows read from a manifest per store transaction when cancelling.
 const CANCEL_CHUNK: usize = 1000;
@@ -71,6 +72,64 @@ pub struct CancelOutcome {
     pub still_running: u64,
     /// Every row has ended (results.csv is, or will be, written).
     pub ended: bool,
+}
+
+/// What `pause`, `resume` or `priority` left the batch at.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ControlOutcome {
+    pub batch: String,
+    pub paused: bool,
+    pub priority: Priority,
+}
+
+/// What `priority` asks for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PriorityRequest {
+    pub priority: Priority,
+}
+
+/// Pauses (`true`) or resumes submitting batch `name`'s rows; its running
+/// tasks go on either way.
+pub fn set_paused(store: &Store, name: &str, paused: bool) -> Result<ControlOutcome, ManageError> {
+    let batch = store
+        .batch_named(name)?
+        .ok_or_else(|| ManageError::NoBatch(name.to_owned()))?;
+    let batch = store.set_paused(batch.seq, paused)?;
+    store.flush_blocking()?;
+    tracing::info!(
+        batch = name,
+        paused,
+        "batch {}",
+        if paused { "paused" } else { "resumed" }
+    );
+    Ok(ControlOutcome {
+        batch: batch.name,
+        paused: batch.paused,
+        priority: batch.priority,
+    })
+}
+
+/// Sets batch `name`'s share of submissions among the active batches.
+pub fn set_priority(
+    store: &Store,
+    name: &str,
+    priority: Priority,
+) -> Result<ControlOutcome, ManageError> {
+    let batch = store
+        .batch_named(name)?
+        .ok_or_else(|| ManageError::NoBatch(name.to_owned()))?;
+    let batch = store.set_priority(batch.seq, priority)?;
+    store.flush_blocking()?;
+    tracing::info!(
+        batch = name,
+        priority = priority.as_str(),
+        "batch priority set"
+    );
+    Ok(ControlOutcome {
+        batch: batch.name,
+        paused: batch.paused,
+        priority: batch.priority,
+    })
 }
 
 /// Queues the chosen failed rows of batch `name` again.
@@ -191,6 +250,9 @@ pub fn routes(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/batches/{name}/retry", post(retry_handler))
         .route("/batches/{name}/cancel", post(cancel_handler))
+        .route("/batches/{name}/pause", post(pause_handler))
+        .route("/batches/{name}/resume", post(resume_handler))
+        .route("/batches/{name}/priority", post(priority_handler))
         .with_state(engine)
 }
 
@@ -247,6 +309,45 @@ async fn cancel_handler(State(engine): State<Arc<Engine>>, Path(n): Path<String>
         Ok(Err(e)) => error_response(&e),
         Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
     }
+}
+
+async fn control(
+    engine: Arc<Engine>,
+    f: impl FnOnce(&Store) -> Result<ControlOutcome, ManageError> + Send + 'static,
+) -> Response {
+    let store = engine.store.clone();
+    match tokio::task::spawn_blocking(move || f(&store)).await {
+        Ok(Ok(outcome)) => {
+            // A resumed or re-weighted batch may have rows to send now.
+            engine.work.notify_one();
+            axum::Json(outcome).into_response()
+        }
+        Ok(Err(e)) => error_response(&e),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+async fn pause_handler(State(engine): State<Arc<Engine>>, Path(name): Path<String>) -> Response {
+    control(engine, move |s| set_paused(s, &name, true)).await
+}
+
+async fn resume_handler(State(engine): State<Arc<Engine>>, Path(name): Path<String>) -> Response {
+    control(engine, move |s| set_paused(s, &name, false)).await
+}
+
+async fn priority_handler(
+    State(engine): State<Arc<Engine>>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let req: PriorityRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            let msg = format!("body: {e} (expected {{\"priority\": \"high\"|\"normal\"|\"low\"}})");
+            return (StatusCode::BAD_REQUEST, msg).into_response();
+        }
+    };
+    control(engine, move |s| set_priority(s, &name, req.priority)).await
 }
 
 /// Spend gauges for `/metrics`.

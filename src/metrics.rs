@@ -24,6 +24,10 @@ pub struct Metrics {
     pub tasks_in_flight: Gauge,
     pub tasks_submitted: Counter,
     pub resubmitted: Counter,
+    /// Submits whose answer was lost or unreadable (a task may exist).
+    pub submits_ambiguous: Counter,
+    /// Rows with at least one such submit, as the store keeps it.
+    pub rows_possibly_paid_twice: Gauge,
     /// Seconds between a task's completion (as the API reports) and our seeing it.
     pub detection_delay: Histogram,
     /// Seconds from submission to being seen finished.
@@ -55,6 +59,8 @@ impl Default for Metrics {
             tasks_in_flight: Gauge::default(),
             tasks_submitted: Counter::default(),
             resubmitted: Counter::default(),
+            submits_ambiguous: Counter::default(),
+            rows_possibly_paid_twice: Gauge::default(),
             detection_delay: Histogram::new(exponential_buckets(0.05, 2.0, 14)),
             task_duration: Histogram::new(exponential_buckets(0.5, 2.0, 18)),
             polls_per_task: Histogram::new([1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 20.0]),
@@ -111,6 +117,16 @@ impl Metrics {
             "rows_resubmitted",
             "Rows resubmitted after a service-side failure or a crash mid-submit",
             self.resubmitted.clone(),
+        );
+        r.register(
+            "submits_ambiguous",
+            "Submits whose answer was lost or unreadable after sending (each may have created a paid task)",
+            self.submits_ambiguous.clone(),
+        );
+        r.register(
+            "rows_possibly_paid_twice",
+            "Rows with at least one ambiguous submit, since the state folder was created",
+            self.rows_possibly_paid_twice.clone(),
         );
         r.register_with_unit(
             "detection_delay",

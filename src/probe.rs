@@ -122,14 +122,41 @@ impl ProbeError {
     }
 }
 
-/// Probes audio URLs, caching answers per URL for the life of the value.
+/// Most probed lengths kept; the oldest goes first.
+pub const PROBE_CACHE_ENTRIES: usize = 10_000;
+
+/// Probes audio URLs, caching lengths per URL (at most
+/// [`PROBE_CACHE_ENTRIES`], oldest evicted first). Failures are never kept:
+/// a URL fixed after a failure is read again on its next use.
 pub struct Prober {
     http: reqwest::Client,
     timeout: Duration,
     head_bytes: u64,
     wire: Semaphore,
-    /// Lengths and permanent failures; transient failures are not kept.
-    cache: Mutex<HashMap<String, Result<Probed, ProbeError>>>,
+    cache: Mutex<Cache>,
+}
+
+/// Successful probes, bounded, in insertion order.
+#[derive(Default)]
+struct Cache {
+    map: HashMap<String, Probed>,
+    order: std::collections::VecDeque<String>,
+}
+
+impl Cache {
+    fn insert(&mut self, url: String, probed: Probed) {
+        if self.map.insert(url.clone(), probed).is_none() {
+            self.order.push_back(url);
+        }
+        while self.map.len() > PROBE_CACHE_ENTRIES {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for Prober {
@@ -148,7 +175,7 @@ impl Prober {
             timeout,
             head_bytes: HEAD_BYTES,
             wire: Semaphore::new(in_flight.max(1)),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(Cache::default()),
         }
     }
 
@@ -162,7 +189,7 @@ impl Prober {
     /// The length of the audio at `url`, checked against the API's limits.
     pub async fn probe(&self, url: &str) -> Result<Probed, ProbeError> {
         if let Some(known) = self.cached(url) {
-            return known;
+            return Ok(known);
         }
         let result = {
             let Ok(_permit) = self.wire.acquire().await else {
@@ -185,21 +212,31 @@ impl Prober {
                 Ok(p)
             }
         });
-        if !matches!(&result, Err(e) if e.is_transient()) {
+        if let Ok(probed) = &result {
             self.cache
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .insert(url.to_owned(), result.clone());
+                .insert(url.to_owned(), *probed);
         }
         result
     }
 
-    fn cached(&self, url: &str) -> Option<Result<Probed, ProbeError>> {
+    fn cached(&self, url: &str) -> Option<Probed> {
         self.cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .map
             .get(url)
             .cloned()
+    }
+
+    /// URLs whose length is kept.
+    pub fn cached_entries(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map
+            .len()
     }
 }
 
@@ -562,6 +599,22 @@ impl MediaSource for RangeSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_cache_is_bounded_and_keeps_the_newest() {
+        let mut c = Cache::default();
+        let p = Probed {
+            seconds: 5.0,
+            format: AudioFormat::Wav,
+            bytes: 1,
+        };
+        for i in 0..PROBE_CACHE_ENTRIES + 10 {
+            c.insert(format!("u{i}"), p);
+        }
+        assert_eq!(c.map.len(), PROBE_CACHE_ENTRIES);
+        assert!(!c.map.contains_key("u0"));
+        assert!(c.map.contains_key(&format!("u{}", PROBE_CACHE_ENTRIES + 9)));
+    }
 
     #[test]
     fn content_range_total_is_read() {

@@ -3,7 +3,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::store::{BatchPhase, BatchRecord, Store, StoreError};
+use crate::store::{BatchPhase, BatchRecord, Priority, Store, StoreError};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchStatus {
@@ -15,6 +15,12 @@ pub struct BatchStatus {
     pub downloading: u64,
     pub done: u64,
     pub failed: u64,
+    #[serde(default)]
+    pub priority: Priority,
+    #[serde(default)]
+    pub paused: bool,
+    #[serde(default)]
+    pub cancelled: bool,
 }
 
 impl From<&BatchRecord> for BatchStatus {
@@ -28,6 +34,9 @@ impl From<&BatchRecord> for BatchStatus {
             downloading: b.counts.downloading,
             done: b.counts.done,
             failed: b.counts.failed,
+            priority: b.priority,
+            paused: b.paused,
+            cancelled: b.cancelled,
         }
     }
 }
@@ -50,16 +59,31 @@ pub struct Spend {
     /// Rows are probed for their exact cost before submission.
     #[serde(default)]
     pub probing: bool,
+    /// Cost counted by runs against the built-in simulator (`--simulate`):
+    /// nothing was paid, and it never counts against a real run's cap.
+    #[serde(default)]
+    pub simulated_usd: f64,
+    /// Rows with a submit whose answer was lost or unreadable: each such
+    /// submit may have created a task, paid and never followed.
+    #[serde(default)]
+    pub possibly_paid_twice_rows: u64,
+    /// Such submits in all (each counted in `spent_usd`).
+    #[serde(default)]
+    pub ambiguous_submits: u64,
 }
 
 impl Spend {
     pub fn from_store(store: &Store) -> Result<Spend, StoreError> {
-        let totals = store.spend()?;
+        let totals = store.spend_of(false)?;
+        let ambiguous = store.ambiguous()?;
         Ok(Spend {
             spent_usd: totals.usd,
             audio_seconds: totals.audio_seconds,
             cap_usd: None,
             probing: false,
+            simulated_usd: store.spend_of(true)?.usd,
+            possibly_paid_twice_rows: ambiguous.rows,
+            ambiguous_submits: ambiguous.attempts,
         })
     }
 }
@@ -153,6 +177,18 @@ pub fn render(report: &Report) -> String {
                 " (not probed: 5 s minimum counted per row)"
             }
         ));
+        if s.simulated_usd > 0.0 {
+            out.push_str(&format!(
+                "simulated: ${:.2} (runs with --simulate; nothing paid, not counted against the cap)\n",
+                s.simulated_usd
+            ));
+        }
+        if s.possibly_paid_twice_rows > 0 {
+            out.push_str(&format!(
+                "possibly paid twice: {} rows ({} submits whose answer was lost, each counted as paid)\n",
+                s.possibly_paid_twice_rows, s.ambiguous_submits
+            ));
+        }
     }
     let width = report
         .batches
@@ -177,9 +213,18 @@ pub fn render(report: &Report) -> String {
             b.failed,
             bar(b.done + b.failed, b.total, 20),
             if b.phase == BatchPhase::Finished {
-                "finished"
+                "finished".to_owned()
             } else {
-                ""
+                let mut notes = Vec::new();
+                if b.cancelled {
+                    notes.push("cancelled");
+                } else if b.paused {
+                    notes.push("PAUSED");
+                }
+                if b.priority != Priority::Normal {
+                    notes.push(b.priority.as_str());
+                }
+                notes.join(", ")
             }
         ));
     }

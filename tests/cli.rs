@@ -114,3 +114,47 @@ fn readme_commands_exist() {
         "CI runs the README's test command"
     );
 }
+
+/// Runs `run --simulate` with `flags` in an empty folder; the daemon must
+/// refuse before starting anything (a 10 s limit catches one that starts).
+fn run_refused(flags: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out = assert_cmd::Command::new(BIN)
+        .env_remove("APIXO_API_KEY")
+        .env_remove("APIXO_API_BASE")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .current_dir(dir.path())
+        .args(["run", "--simulate", "--listen", "127.0.0.1:0"])
+        .args(flags)
+        .timeout(std::time::Duration::from_secs(10))
+        .output()
+        .expect("runs");
+    assert!(!dir.path().join("state").exists(), "nothing started");
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_stop_timeout_not_above_the_api_timeout_is_refused() {
+    let (code, text) = run_refused(&["--api-timeout", "20s", "--stop-timeout", "20s"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("--stop-timeout") && text.contains("--api-timeout"),
+        "{text}"
+    );
+    // The defaults agree with each other.
+    let (code, text) = run_refused(&["--stop-timeout", "15s"]);
+    assert_eq!(code, Some(2), "api-timeout defaults to 15s: {text}");
+}
+
+#[test]
+fn absurd_durations_and_insecure_api_bases_are_refused_at_start() {
+    let (code, text) = run_refused(&["--poll-max", "100000000d"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("poll-max"), "{text}");
+    let (code, text) = run_refused(&["--api-base", "http://api.example.com"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(text.contains("--allow-insecure-api"), "{text}");
+}

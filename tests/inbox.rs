@@ -287,46 +287,60 @@ async fn ignored_names_and_folders_are_left_untouched() {
 /// the inbox, which sends no event: only the retry can find it.
 #[cfg(unix)]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unreadable_file_is_retried_until_it_can_be_read() {
+async fn a_symlink_is_refused_never_followed() {
     let (dir, folders) = new_dir();
     let elsewhere = dir.path().join("elsewhere");
     fs::create_dir_all(&elsewhere).expect("elsewhere");
     fs::create_dir_all(&folders.inbox).expect("inbox");
-    let target = elsewhere.join("loop");
-    std::os::unix::fs::symlink(&target, &target).expect("self loop");
-    std::os::unix::fs::symlink(&target, folders.inbox.join("u.csv")).expect("link");
-    assert!(
-        fs::read(folders.inbox.join("u.csv")).is_err(),
-        "setup: unreadable"
-    );
+    // A valid manifest outside the inbox, reached through a link in it.
+    let content = manifest("u", 4);
+    drop_file(&elsewhere, "real.csv", &content);
+    std::os::unix::fs::symlink(elsewhere.join("real.csv"), folders.inbox.join("u.csv"))
+        .expect("link");
+    // A dangling link and a FIFO too: neither followed nor blocking.
+    std::os::unix::fs::symlink(elsewhere.join("nothing"), folders.inbox.join("d.csv"))
+        .expect("dangling link");
+    nix_mkfifo(&folders.inbox.join("f.csv"));
 
     let h = start(dir, folders);
     h.ready().await;
-    tokio::time::sleep(RESCAN * 2).await;
-    assert!(h.seen().is_empty());
+    let rejected = h.folders.rejected_dir();
+    wait_for("the links rejected", Duration::from_secs(6), || {
+        rejected.join("u.errors.txt").exists() && rejected.join("d.errors.txt").exists()
+    })
+    .await;
+    assert!(h.seen().is_empty(), "nothing accepted through a link");
+    let errors = fs::read_to_string(rejected.join("u.errors.txt")).expect("errors");
+    assert!(errors.contains("symbolic link"), "{errors}");
     assert!(
-        fs::symlink_metadata(h.inbox("u.csv")).is_ok(),
-        "an unreadable file stays in the inbox"
+        fs::symlink_metadata(rejected.join("u.csv"))
+            .expect("the link moved")
+            .file_type()
+            .is_symlink(),
+        "the link itself is moved, not its target"
     );
-    assert!(
-        !h.folders.rejected_dir().join("u.csv").exists(),
-        "never rejected for an I/O error"
+    assert_eq!(
+        fs::read_to_string(elsewhere.join("real.csv")).expect("target"),
+        content,
+        "the target is untouched"
     );
-
-    let content = manifest("u", 4);
-    fs::remove_file(&target).expect("unloop");
-    drop_file(&elsewhere, "loop", &content);
-    wait_for("the retried batch", Duration::from_secs(6), || {
+    // The FIFO is left alone and the watcher still works.
+    assert!(h.inbox("f.csv").exists());
+    drop_file(&h.folders.inbox, "ok.csv", &manifest("ok", 2));
+    wait_for("the next manifest", Duration::from_secs(6), || {
         h.seen().len() == 1
     })
     .await;
-    assert_eq!(h.names(), ["u"]);
-    assert_eq!(h.seen()[0].total_rows, 4);
-    assert_eq!(
-        fs::read_to_string(h.folders.manifest_of("u")).expect("manifest"),
-        content
-    );
     h.stop().await;
+}
+
+/// Makes a FIFO (no reader: opening it for reading would block).
+fn nix_mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .expect("mkfifo runs");
+    assert!(status.success(), "mkfifo");
 }
 
 /// The permission case proper; it can only be run by a user other than root.
@@ -451,4 +465,53 @@ async fn invalid_and_duplicate_manifests_are_rejected() {
     assert_eq!(h.names(), ["good"]);
     assert_eq!(h.store.batches().expect("batches").len(), 1);
     h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_taken_when_the_daemon_died_is_ingested_at_the_next_start() {
+    let (dir, folders) = new_dir();
+    // Left in the private folder by a daemon killed mid-ingest.
+    let taking = folders.inbox.join(".taking");
+    fs::create_dir_all(&taking).expect("private folder");
+    drop_file(&taking, "left.csv", &manifest("left", 3));
+    let h = start(dir, folders);
+    h.ready().await;
+    wait_for("the leftover batch", Duration::from_secs(6), || {
+        h.seen().len() == 1
+    })
+    .await;
+    assert_eq!(h.names(), ["left"]);
+    assert!(!taking.join("left.csv").exists());
+    h.stop().await;
+}
+
+/// A FIFO (or a link) swapped in at the name ingest takes is refused from
+/// the open handle, at once, never read or followed.
+#[test]
+fn ingest_refuses_a_fifo_from_its_handle_without_blocking() {
+    let (dir, folders) = new_dir();
+    fs::create_dir_all(&folders.inbox).expect("inbox");
+    let store = Store::open(&dir.path().join("state")).expect("store");
+    let fifo = folders.inbox.join("f.csv");
+    nix_mkfifo(&fifo);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (s, f, p) = (store.clone(), folders.clone(), fifo.clone());
+    std::thread::spawn(move || {
+        let _ = tx.send(infinitetalk_batch::ingest::ingest_file(&s, &f, &p, false));
+    });
+    let outcome = rx
+        .recv_timeout(Duration::from_secs(5))
+        .expect("ingest of a FIFO does not block")
+        .expect("no I/O error");
+    assert!(
+        matches!(
+            outcome,
+            infinitetalk_batch::ingest::Outcome::Rejected { .. }
+        ),
+        "{outcome:?}"
+    );
+    let errors =
+        fs::read_to_string(folders.rejected_dir().join("f.errors.txt")).expect("errors file");
+    assert!(errors.contains("not a regular file"), "{errors}");
+    assert!(!fifo.exists());
 }

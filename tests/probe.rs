@@ -312,3 +312,19 @@ async fn the_simulator_serves_audio_as_long_as_it_bills() {
     );
     stop.cancel();
 }
+
+#[tokio::test]
+async fn a_failure_is_not_remembered() {
+    let (addr, files) = serve(vec![("a.wav", wav(8_000, 1, 3.0, 3.0), Mode::Ranges)]).await;
+    let p = prober();
+    let missing = format!("http://{addr}/fixed-later.wav");
+    p.probe(&missing).await.expect_err("not there");
+    let hits = files.hits.load(Ordering::Relaxed);
+    // Asked again, not answered from memory: a fixed URL would work now.
+    p.probe(&missing).await.expect_err("still not there");
+    assert!(
+        files.hits.load(Ordering::Relaxed) > hits,
+        "the failure was cached"
+    );
+    assert_eq!(p.cached_entries(), 0);
+}

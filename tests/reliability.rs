@@ -278,11 +278,16 @@ async fn run_case(name: &str, case: Case) -> (infinitetalk_batch::simulator::Sim
         }),
     );
     let listen = free_addr();
+    // These cases are about surviving transient faults: a reset or garbled
+    // submit answer is ambiguous, and its bound (tested in tests/trust.rs)
+    // is raised so that a row's unlucky streak does not end it.
+    let mut flags = case.flags.clone();
+    flags.extend(["--max-ambiguous-submits", "50"]);
     let mut daemon = Daemon(Some(spawn_daemon(
         &dirs,
         &sim.url(),
         listen,
-        &with_poll(&case.flags),
+        &with_poll(&flags),
         0,
     )));
     let finished = wait_results(&dirs, name, Duration::from_secs(120)).await;

@@ -143,7 +143,11 @@ impl RequestBudget {
 
     /// After a 429: nothing goes for `pause`.
     pub fn hold(&self, pause: Duration) {
-        let until = Instant::now() + pause;
+        // `pause` comes from the network (clamped there); never overflow.
+        let now = Instant::now();
+        let until = now
+            .checked_add(pause.min(Duration::from_secs(24 * 3600)))
+            .unwrap_or(now);
         let mut hold = self.hold_until.lock().unwrap_or_else(|p| p.into_inner());
         if hold.is_none_or(|h| h < until) {
             *hold = Some(until);

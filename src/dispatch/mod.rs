@@ -115,6 +115,9 @@ impl Engine {
         shutdown: CancellationToken,
     ) -> Result<(Arc<Engine>, Arc<Inboxes>), StoreError> {
         let ledger = store.load_ledger()?;
+        metrics
+            .rows_possibly_paid_twice
+            .set(i64::try_from(store.ambiguous()?.rows).unwrap_or(i64::MAX));
         let (poll_tx, poll_rx) = mpsc::unbounded_channel();
         let (dl_tx, dl_rx) = mpsc::unbounded_channel();
         let (fin_tx, fin_rx) = mpsc::unbounded_channel();

@@ -362,7 +362,8 @@ impl Poller {
                         return;
                     }
                 };
-                self.schedule(key, Instant::now() + delay);
+                let now = Instant::now();
+                self.schedule(key, now.checked_add(delay).unwrap_or(now));
             }
             PollResult::Ended { took } => {
                 self.scouts.remove(&key);

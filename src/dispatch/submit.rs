@@ -343,27 +343,38 @@ pub(super) enum FeedError {
     Manifest(#[from] crate::manifest::ManifestError),
 }
 
+/// Fail code of a row whose submits stayed ambiguous past the bound.
+pub const SUBMIT_UNCONFIRMED: &str = "SUBMIT_UNCONFIRMED";
+
 /// Submits one claimed row until the API answers for it.
+///
+/// A request on the wire is never cut short, not even by a stop: the service
+/// may create the task anyway, so the answer (or the API timeout, which
+/// makes the submit ambiguous) is awaited. A stop between attempts puts the
+/// row back in the queue; the row never stays `submitting` after a graceful
+/// stop.
 async fn submit_row(
     engine: Arc<Engine>,
     key: RowKey,
-    record: RowRecord,
+    mut record: RowRecord,
     slot: OwnedSemaphorePermit,
 ) {
     let batch = engine.batch_name(key.batch);
-    let body = SubmitBody::new(
-        &record.spec,
-        &engine.settings.defaults,
-        engine.callback_url.as_deref(),
-    );
+    let callback_url = engine.callback_url.clone();
+    let spec = record.spec.clone();
+    let body = SubmitBody::new(&spec, &engine.settings.defaults, callback_url.as_deref());
     let mut attempt = 0u32;
     loop {
         if attempt > 0 {
             tokio::select! {
                 () = engine.budget.acquire(Class::Submit) => {}
-                // The row stays `submitting`; the next start resubmits it.
-                () = engine.shutdown.cancelled() => return,
+                () = engine.shutdown.cancelled() => {}
             }
+        }
+        if engine.shutdown.is_cancelled() {
+            // Not sent: back in the queue for the next start.
+            unsent(&engine, key, &record, &batch).await;
+            return;
         }
         attempt += 1;
         match engine.api.submit(&body).await {
@@ -396,6 +407,40 @@ async fn submit_row(
                 });
                 return;
             }
+            Err(e) if e.is_ambiguous() => {
+                engine.metrics.request("submit", "ambiguous");
+                let Some(counted) = ambiguous(&engine, key, &record, &batch, &e).await else {
+                    return;
+                };
+                record = counted;
+                let max = engine.settings.max_ambiguous_submits;
+                if record.ambiguous_submits > max {
+                    // The reservation for a further attempt is not needed.
+                    refund(&engine, &record).await;
+                    let msg = format!(
+                        "{} submits sent whose answer was lost or unreadable (each may have created a task, counted as paid); not sent again: {e}",
+                        record.ambiguous_submits
+                    );
+                    if let Err(se) = engine
+                        .fail_row(key, RowState::Submitting, SUBMIT_UNCONFIRMED, &msg)
+                        .await
+                    {
+                        tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record an unconfirmed row");
+                    }
+                    return;
+                }
+                if over_cap(&engine).await {
+                    // The possible task took the room the next attempt had.
+                    unsent(&engine, key, &record, &batch).await;
+                    engine.set_pause(PauseReason::SpendCap);
+                    return;
+                }
+                let wait = backoff(attempt, Duration::from_millis(500), Duration::from_secs(60));
+                if !sleep_or_stop(&engine, wait).await {
+                    unsent(&engine, key, &record, &batch).await;
+                    return;
+                }
+            }
             Err(e) => {
                 if let Some(reason) = e.pause_reason() {
                     engine.metrics.request("submit", "paused");
@@ -417,6 +462,7 @@ async fn submit_row(
                         backoff(attempt, Duration::from_millis(500), Duration::from_secs(60));
                     tracing::warn!(batch = %batch, row = %record.id, error = %e, retry_in = ?wait, "submit failed; retrying");
                     if !sleep_or_stop(&engine, wait).await {
+                        unsent(&engine, key, &record, &batch).await;
                         return;
                     }
                     continue;
@@ -436,6 +482,60 @@ async fn submit_row(
                 return;
             }
         }
+    }
+}
+
+/// Counts an ambiguous submit: on the row, in the totals (`status`,
+/// `/metrics`) and in the spend (as paid), flushed; logged. `None` when the
+/// store refused (the row then stays `submitting` and is queued again with a
+/// warning at the next start).
+async fn ambiguous(
+    engine: &Engine,
+    key: RowKey,
+    record: &RowRecord,
+    batch: &str,
+    e: &ApiError,
+) -> Option<RowRecord> {
+    engine.metrics.submits_ambiguous.inc();
+    let usd = spend::counted_cost(engine, record);
+    let seconds = record.audio_seconds.unwrap_or(0.0);
+    let recorded = engine
+        .store
+        .call(move |s| {
+            let counted = s.record_ambiguous(key, usd, seconds)?;
+            s.flush_blocking()?;
+            Ok(counted)
+        })
+        .await;
+    match recorded {
+        Ok((record, totals)) => {
+            engine
+                .metrics
+                .rows_possibly_paid_twice
+                .set(i64::try_from(totals.rows).unwrap_or(i64::MAX));
+            tracing::warn!(
+                batch, row = %record.id, ambiguous = record.ambiguous_submits,
+                of = engine.settings.max_ambiguous_submits, counted_usd = format!("{usd:.2}"),
+                error = %e,
+                "submit sent but its answer was lost or unreadable: a task may have been created and is counted as paid"
+            );
+            Some(record)
+        }
+        Err(se) => {
+            tracing::error!(batch, row = %record.id, error = %se, "cannot record an ambiguous submit; the row is queued again at the next start");
+            None
+        }
+    }
+}
+
+/// The spend is past the cap (an ambiguous submit counted as paid may do that).
+async fn over_cap(engine: &Engine) -> bool {
+    let Some(cap) = *engine.spend_cap.borrow() else {
+        return false;
+    };
+    match engine.store.call(|s| s.spend()).await {
+        Ok(spent) => spent.usd > cap + 1e-9,
+        Err(_) => false,
     }
 }
 

@@ -153,11 +153,20 @@ const WHOLE_FILE: &str = "-";
 /// under the data); they do not count for default ids either. The SHA-256 in
 /// the [`Summary`] is of exactly the bytes that were validated.
 pub fn validate_path(path: &Path) -> Result<Summary, ManifestError> {
+    let file = File::open(path).map_err(|source| ManifestError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    validate_reader(file, path)
+}
+
+/// [`validate_path`] on an open handle (`path` names it in errors): the
+/// daemon reads an inbox file only through the handle it checked.
+pub fn validate_reader(file: impl Read, path: &Path) -> Result<Summary, ManifestError> {
     let io_err = |source| ManifestError::Io {
         path: path.to_owned(),
         source,
     };
-    let file = File::open(path).map_err(io_err)?;
     let mut parser = RecordParser::new(HashingReader::new(file), None);
     let mut problems = Problems::new(MAX_PROBLEMS);
 

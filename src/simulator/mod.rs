@@ -182,6 +182,22 @@ pub struct Faults {
     /// Probability that a submit creates its task and then drops the connection.
     #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_probability)]
     pub lost_submit_answer: f64,
+    /// Probability that a submit creates its task and then answers HTTP 200
+    /// with garbage instead of the envelope.
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_probability)]
+    pub garbage_submit_answer: f64,
+    /// Probability that an API request is answered 429 with an absurd
+    /// `Retry-After: 99999999999`.
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_probability)]
+    pub absurd_retry_after: f64,
+    /// Probability that a status answer is HTTP 200 with a 100 MB body
+    /// (streamed, never held in memory).
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_probability)]
+    pub huge_status_body: f64,
+    /// Probability that a download is answered with a body that never ends
+    /// (no Content-Length).
+    #[arg(long, value_name = "P", default_value_t = 0.0, value_parser = parse_probability)]
+    pub endless_download: f64,
     /// Answer every submit with "Insufficient credits", in `credits_style`.
     #[arg(long)]
     pub credits_out: bool,
@@ -203,6 +219,10 @@ impl Default for Faults {
             slow_ms: 1000,
             cut_download: 0.0,
             lost_submit_answer: 0.0,
+            garbage_submit_answer: 0.0,
+            absurd_retry_after: 0.0,
+            huge_status_body: 0.0,
+            endless_download: 0.0,
             credits_out: false,
             credits_style: CreditsStyle::Http400,
             unauthorized: false,
@@ -220,6 +240,10 @@ pub struct FaultCounts {
     pub slow: u64,
     pub cut_download: u64,
     pub lost_submit_answer: u64,
+    pub garbage_submit_answer: u64,
+    pub absurd_retry_after: u64,
+    pub huge_status_body: u64,
+    pub endless_download: u64,
     /// Submits answered "Insufficient credits" (any style, `task` included).
     pub credits_out: u64,
     /// API requests answered 401 because of the `unauthorized` mode.
@@ -285,7 +309,8 @@ pub struct TaskInfo {
     /// `pending`, `processing`, `success` or `failed`, as of now.
     pub state: String,
     pub fail_code: Option<String>,
-    /// The files of a successful task (empty otherwise).
+    /// The files of a successful task (empty otherwise); at most the first
+    /// 16 of them (`sim_results` may ask for up to 10,000 URLs).
     pub results: Vec<ResultFile>,
 }
 

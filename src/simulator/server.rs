@@ -112,6 +112,47 @@ fn drop_connection() -> Response {
     resp
 }
 
+/// Size of a huge status body.
+const HUGE_BODY_BYTES: usize = 100 * 1024 * 1024;
+
+/// HTTP 200 with a 100 MB body that starts like the envelope, streamed in
+/// chunks (never held whole).
+fn huge_body() -> Response {
+    use futures_util::StreamExt;
+    const CHUNK: usize = 64 * 1024;
+    let head = Bytes::from_static(br#"{"code":200,"message":""#);
+    let filler = Bytes::from(vec![b'a'; CHUNK]);
+    let chunks = HUGE_BODY_BYTES / CHUNK;
+    let body = futures_util::stream::iter([Ok::<_, std::io::Error>(head)])
+        .chain(futures_util::stream::iter(0..chunks).map(move |_| Ok(filler.clone())));
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
+/// HTTP 200, video content type, no length, a body that never ends (until
+/// the client goes or the simulator stops).
+fn endless_body(shutdown: tokio_util::sync::CancellationToken) -> Response {
+    const CHUNK: usize = 64 * 1024;
+    let filler = Bytes::from(vec![0_u8; CHUNK]);
+    let body = futures_util::stream::unfold((filler, shutdown), |(filler, shutdown)| async move {
+        if !sleep_or_cancel(Duration::from_millis(5), &shutdown).await {
+            return None;
+        }
+        Some((Ok::<_, std::io::Error>(filler.clone()), (filler, shutdown)))
+    });
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("video/mp4"))],
+        Body::from_stream(body),
+    )
+        .into_response()
+}
+
 /// An answer cut in the middle: HTTP 200, JSON content type, invalid JSON.
 fn malformed(endpoint: Endpoint) -> Response {
     let body = match endpoint {
@@ -153,6 +194,16 @@ async fn api_gate(
     }
     if draw.reset {
         return Err(drop_connection());
+    }
+    if draw.absurd_retry_after {
+        shared.record(|s| s.rejected_429 += 1);
+        let mut resp = envelope(429, "Rate limit exceeded: come back in 3000 years");
+        resp.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("99999999999"));
+        return Err(resp);
+    }
+    if draw.huge_status_body {
+        return Err(huge_body());
     }
     if let Some(code) = draw.error_5xx {
         let msg = if code == 503 {
@@ -245,6 +296,17 @@ async fn submit(State(shared): Sim, headers: HeaderMap, body: Bytes) -> Response
         shared.record(|s| s.faults.lost_submit_answer += 1);
         return drop_connection();
     }
+    if draw.garbage_submit_answer {
+        shared.record(|s| s.faults.garbage_submit_answer += 1);
+        return (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            "<html>502 upstream garbled</html>\u{0}\u{1}",
+        )
+            .into_response();
+    }
     axum::Json(json!({"code": 200, "message": "success", "data": {"taskId": id}})).into_response()
 }
 
@@ -283,6 +345,9 @@ async fn download(
     }
     if let Some(code) = draw.error_5xx {
         return envelope(code, "Storage temporarily unavailable");
+    }
+    if draw.endless_download {
+        return endless_body(shared.shutdown.clone());
     }
     let Some(index) = file
         .strip_suffix(".mp4")
@@ -447,6 +512,10 @@ async fn admin_set_faults(State(shared): Sim, body: Bytes) -> Response {
                 ("slow", f.slow),
                 ("cut_download", f.cut_download),
                 ("lost_submit_answer", f.lost_submit_answer),
+                ("garbage_submit_answer", f.garbage_submit_answer),
+                ("absurd_retry_after", f.absurd_retry_after),
+                ("huge_status_body", f.huge_status_body),
+                ("endless_download", f.endless_download),
             ];
             if let Some((name, _)) = probabilities.iter().find(|(_, p)| !(0.0..=1.0).contains(p)) {
                 return envelope(400, &format!("{name}: must be between 0.0 and 1.0"));

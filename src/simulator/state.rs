@@ -26,8 +26,10 @@ use super::{Faults, ResultFile, SimArgs, SimError, SimStats, TaskInfo};
 
 /// The window of the request limit, as the service publishes it ("per minute").
 pub(crate) const WINDOW: Duration = Duration::from_secs(60);
-/// Most result files `sim_results` may ask for.
-const MAX_RESULTS: usize = 16;
+/// Most result URLs `sim_results` may ask for (a hostile task lists many).
+const MAX_RESULTS: usize = 10_000;
+/// Result files listed (and hashed) per task in [`Shared::tasks`].
+const LISTED_RESULTS: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Endpoint {
@@ -45,6 +47,10 @@ pub(crate) struct Draw {
     pub malformed: bool,
     pub cut_download: bool,
     pub lost_submit_answer: bool,
+    pub garbage_submit_answer: bool,
+    pub absurd_retry_after: bool,
+    pub huge_status_body: bool,
+    pub endless_download: bool,
     pub unauthorized: bool,
     /// The sliding window already held the limit before this request.
     pub over_limit: bool,
@@ -374,8 +380,18 @@ impl Shared {
             draw.error_5xx = Some(if inner.rng.random::<bool>() { 500 } else { 503 });
             return draw;
         }
+        if endpoint != Endpoint::Download && inner.chance(f.absurd_retry_after) {
+            inner.stats.faults.absurd_retry_after += 1;
+            draw.absurd_retry_after = true;
+            return draw;
+        }
         match endpoint {
             Endpoint::Download => {
+                if inner.chance(f.endless_download) {
+                    inner.stats.faults.endless_download += 1;
+                    draw.endless_download = true;
+                    return draw;
+                }
                 if inner.chance(f.cut_download) {
                     inner.stats.faults.cut_download += 1;
                     draw.cut_download = true;
@@ -395,6 +411,15 @@ impl Shared {
                 if endpoint == Endpoint::Submit && inner.chance(f.lost_submit_answer) {
                     // Counted when the task is really created and the answer dropped.
                     draw.lost_submit_answer = true;
+                }
+                if endpoint == Endpoint::Submit && inner.chance(f.garbage_submit_answer) {
+                    // Counted when the task is really created.
+                    draw.garbage_submit_answer = true;
+                }
+                if endpoint == Endpoint::Status && inner.chance(f.huge_status_body) {
+                    inner.stats.faults.huge_status_body += 1;
+                    draw.huge_status_body = true;
+                    return draw;
                 }
             }
         }
@@ -646,7 +671,7 @@ impl Shared {
             .into_iter()
             .map(|(mut info, files)| {
                 if let Some((n, pad)) = files {
-                    info.results = (0..n)
+                    info.results = (0..n.min(LISTED_RESULTS))
                         .map(|index| {
                             let bytes = video::result_video(&info.task_id, index, pad);
                             ResultFile {

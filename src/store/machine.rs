@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  (unclaimed) ──claim──▶ submitting ──task_created──▶ running ──succeeded──▶ downloading ──downloaded──▶ done
-//!       queued ──claim──▶     │  ▲ costed                 │  │                   │  ▲ fresh_urls
+//!       queued ──claim──▶     │  ▲ costed, ambiguous      │  │                   │  ▲ fresh_urls, file_saved
 //!         ▲  ▲                │  └────┘                   │  │                   └──┘
 //!         │  └──── unsent ────┤                           │  └─task_failed──▶ failed ◀──download_failed──┘
 //!         │                   └─────── submit_failed ─────┼─────────────────▶ failed
@@ -26,6 +26,9 @@ pub enum Op {
     Costed { audio_seconds: f64, cost_usd: f64 },
     /// The API answered with a task id.
     TaskCreated { task_id: String, at_ms: u64 },
+    /// A submit of the row was sent and its answer lost or unreadable: it
+    /// may have created a task. Counted on the row (the bound of retries).
+    Ambiguous,
     /// Back to the queue without a task: never sent (paused, deferred), or
     /// found `submitting` after a crash.
     Unsent,
@@ -55,6 +58,8 @@ pub enum Op {
     },
     /// New result URLs for a task whose old ones expired.
     FreshUrls { result_urls: Vec<String> },
+    /// One video of the task is complete under its final name.
+    FileSaved { task_id: String, name: String },
     /// Every video is in place.
     Downloaded { outputs: Vec<String> },
     /// The videos stayed out of reach (or the disk refused them) for good.
@@ -70,12 +75,14 @@ pub const TRANSITIONS: &[(&str, RowState, RowState)] = &[
     ("claim", RowState::Queued, RowState::Submitting),
     ("costed", RowState::Submitting, RowState::Submitting),
     ("task_created", RowState::Submitting, RowState::Running),
+    ("ambiguous", RowState::Submitting, RowState::Submitting),
     ("unsent", RowState::Submitting, RowState::Queued),
     ("submit_failed", RowState::Submitting, RowState::Failed),
     ("succeeded", RowState::Running, RowState::Downloading),
     ("task_failed", RowState::Running, RowState::Failed),
     ("resubmit", RowState::Running, RowState::Queued),
     ("fresh_urls", RowState::Downloading, RowState::Downloading),
+    ("file_saved", RowState::Downloading, RowState::Downloading),
     ("downloaded", RowState::Downloading, RowState::Done),
     ("download_failed", RowState::Downloading, RowState::Failed),
     ("cancel", RowState::Queued, RowState::Failed),
@@ -87,12 +94,14 @@ impl Op {
         match self {
             Op::Costed { .. } => "costed",
             Op::TaskCreated { .. } => "task_created",
+            Op::Ambiguous => "ambiguous",
             Op::Unsent => "unsent",
             Op::SubmitFailed { .. } => "submit_failed",
             Op::Succeeded { .. } => "succeeded",
             Op::TaskFailed { .. } => "task_failed",
             Op::Resubmit { .. } => "resubmit",
             Op::FreshUrls { .. } => "fresh_urls",
+            Op::FileSaved { .. } => "file_saved",
             Op::Downloaded { .. } => "downloaded",
             Op::DownloadFailed { .. } => "download_failed",
             Op::Cancel { .. } => "cancel",
@@ -116,7 +125,8 @@ impl Op {
         match self {
             Op::Succeeded { task_id, .. }
             | Op::TaskFailed { task_id, .. }
-            | Op::Resubmit { task_id, .. } => Some(task_id),
+            | Op::Resubmit { task_id, .. }
+            | Op::FileSaved { task_id, .. } => Some(task_id),
             _ => None,
         }
     }
@@ -155,6 +165,7 @@ impl Op {
                 r.fail_code = None;
                 r.fail_msg = None;
             }
+            Op::Ambiguous => r.ambiguous_submits = r.ambiguous_submits.saturating_add(1),
             Op::Unsent => {}
             Op::SubmitFailed { code, msg }
             | Op::DownloadFailed { code, msg }
@@ -186,6 +197,10 @@ impl Op {
                 r.fail_msg = Some(msg);
             }
             Op::FreshUrls { result_urls } => r.result_urls = result_urls,
+            Op::FileSaved { task_id, name } => {
+                r.files.retain(|f| f.name != name);
+                r.files.push(super::OutputFile { name, task_id });
+            }
             Op::Downloaded { outputs } => r.outputs = outputs,
             Op::Cancel { msg } => {
                 r.fail_code = Some(super::CANCELLED.into());
@@ -196,6 +211,7 @@ impl Op {
                     r.previous_tasks.push(old);
                 }
                 r.resubmits = 0;
+                r.ambiguous_submits = 0;
                 r.submitted_at_ms = None;
                 r.finished_at_ms = None;
                 r.cost_time_ms = None;
@@ -233,6 +249,7 @@ mod tests {
                 task_id: t(),
                 at_ms: 1,
             },
+            Op::Ambiguous,
             Op::Unsent,
             Op::SubmitFailed {
                 code: "C".into(),
@@ -257,6 +274,10 @@ mod tests {
             },
             Op::FreshUrls {
                 result_urls: vec![],
+            },
+            Op::FileSaved {
+                task_id: t(),
+                name: "r.mp4".into(),
             },
             Op::Downloaded { outputs: vec![] },
             Op::DownloadFailed {

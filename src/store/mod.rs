@@ -152,6 +152,22 @@ pub struct RowRecord {
     pub audio_seconds: Option<f64>,
     #[serde(default)]
     pub cost_usd: Option<f64>,
+    /// Submits of this row whose answer was lost or unreadable (each may
+    /// have created a paid task); bounded by `max-ambiguous-submits`.
+    #[serde(default)]
+    pub ambiguous_submits: u32,
+    /// Files in the batch folder and the task whose result each holds. A
+    /// file is taken as a task's output only when recorded here with that
+    /// task: one left by an earlier task is downloaded over.
+    #[serde(default)]
+    pub files: Vec<OutputFile>,
+}
+
+/// One output file and the task that produced it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutputFile {
+    pub name: String,
+    pub task_id: String,
 }
 
 impl RowRecord {
@@ -173,7 +189,16 @@ impl RowRecord {
             fail_msg: None,
             audio_seconds: None,
             cost_usd: None,
+            ambiguous_submits: 0,
+            files: Vec::new(),
         }
+    }
+
+    /// Whether `name` is recorded as the output of `task_id`.
+    pub fn owns_file(&self, name: &str, task_id: &str) -> bool {
+        self.files
+            .iter()
+            .any(|f| f.name == name && f.task_id == task_id)
     }
 }
 
@@ -351,6 +376,16 @@ pub enum Begin {
 pub struct SpendTotals {
     pub usd: f64,
     pub audio_seconds: f64,
+}
+
+/// Submits whose answer was lost or unreadable, kept across restarts: each
+/// may have created a task that is paid and never followed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AmbiguousTotals {
+    /// Rows with at least one ambiguous submit ("possibly paid twice").
+    pub rows: u64,
+    /// Ambiguous submits in all.
+    pub attempts: u64,
 }
 
 /// Requests sent in one second, for the sliding-window budget across restarts.

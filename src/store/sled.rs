@@ -16,8 +16,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use super::archive::Archive;
 use super::machine::Op;
 use super::{
-    BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, LedgerEntry, RowKey, RowRecord,
-    RowState, SCHEMA_VERSION, SpendTotals, StoreError, now_ms,
+    AmbiguousTotals, BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, LedgerEntry, RowKey,
+    RowRecord, RowState, SCHEMA_VERSION, SpendTotals, StoreError, now_ms,
 };
 use crate::manifest::{ManifestRow, ReadPosition};
 
@@ -28,6 +28,9 @@ const KEY_NEXT_SEQ: &[u8] = b"next_batch_seq";
 const KEY_LEDGER: &[u8] = b"request_ledger";
 const KEY_SECRET: &[u8] = b"callback_secret";
 const KEY_SPEND: &[u8] = b"spend";
+/// Spend of runs against the built-in simulator: never counted as real.
+const KEY_SPEND_SIMULATED: &[u8] = b"spend_simulated";
+const KEY_AMBIGUOUS: &[u8] = b"ambiguous_submits";
 /// Final rows moved to the archive per transaction.
 const RETIRE_CHUNK: usize = 4096;
 
@@ -46,6 +49,8 @@ pub struct Store {
     active: Arc<Mutex<BTreeSet<BatchSeq>>>,
     /// One retirement at a time (the retirer, a retry, a results writer).
     retiring: Arc<Mutex<()>>,
+    /// Spend goes to the simulated account (`run --simulate`).
+    simulated_spend: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for Store {
@@ -208,6 +213,7 @@ impl Store {
             path: dir.to_owned(),
             active: Arc::default(),
             retiring: Arc::default(),
+            simulated_spend: Arc::default(),
             db,
         };
         let expected = migrate_from.unwrap_or(SCHEMA_VERSION);
@@ -819,25 +825,88 @@ impl Store {
         Ok(secret)
     }
 
-    /// What has been spent so far.
+    /// Counts spend of this process as simulated (`run --simulate`): kept
+    /// apart, never added to the real spend the cap counts.
+    pub fn set_simulated_spend(&self, simulated: bool) {
+        self.simulated_spend
+            .store(simulated, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn spend_key(&self) -> &'static [u8] {
+        if self
+            .simulated_spend
+            .load(std::sync::atomic::Ordering::Relaxed)
+        {
+            KEY_SPEND_SIMULATED
+        } else {
+            KEY_SPEND
+        }
+    }
+
+    /// What has been spent so far (in the simulated account for a simulated run).
     pub fn spend(&self) -> Result<SpendTotals, StoreError> {
-        match self.meta.get(KEY_SPEND).map_err(db_err)? {
+        self.spend_of(self.spend_key() == KEY_SPEND_SIMULATED)
+    }
+
+    /// The real (or the simulated) spend, whatever this process counts.
+    pub fn spend_of(&self, simulated: bool) -> Result<SpendTotals, StoreError> {
+        let key = if simulated {
+            KEY_SPEND_SIMULATED
+        } else {
+            KEY_SPEND
+        };
+        match self.meta.get(key).map_err(db_err)? {
             Some(v) => decode("spend", &v),
             None => Ok(SpendTotals::default()),
         }
     }
 
+    /// Ambiguous submits so far.
+    pub fn ambiguous(&self) -> Result<AmbiguousTotals, StoreError> {
+        match self.meta.get(KEY_AMBIGUOUS).map_err(db_err)? {
+            Some(v) => decode("ambiguous submits", &v),
+            None => Ok(AmbiguousTotals::default()),
+        }
+    }
+
+    /// Counts an ambiguous submit of `key` on the row ([`Op::Ambiguous`]) and
+    /// in the totals (a row counted once), and adds what it may have cost to
+    /// the spend. The caller flushes.
+    pub fn record_ambiguous(
+        &self,
+        key: RowKey,
+        usd: f64,
+        audio_seconds: f64,
+    ) -> Result<(RowRecord, AmbiguousTotals), StoreError> {
+        let record = self.apply(key, Op::Ambiguous)?;
+        let first = record.ambiguous_submits == 1;
+        let totals = self.meta.transaction(|meta| {
+            let mut t: AmbiguousTotals = match meta.get(KEY_AMBIGUOUS)? {
+                Some(v) => decode("ambiguous submits", &v).map_err(abort)?,
+                None => AmbiguousTotals::default(),
+            };
+            t.attempts += 1;
+            t.rows += u64::from(first);
+            meta.insert(KEY_AMBIGUOUS, encode(&t).map_err(abort)?)?;
+            Ok(t)
+        });
+        let totals = totals.map_err(tx_err)?;
+        self.add_spend(usd, audio_seconds)?;
+        Ok((record, totals))
+    }
+
     /// Adds to (or, negative, refunds from) the spend; returns the new totals.
     /// The caller flushes before the submission it pays for.
     pub fn add_spend(&self, usd: f64, audio_seconds: f64) -> Result<SpendTotals, StoreError> {
+        let key = self.spend_key();
         let result = self.meta.transaction(|meta| {
-            let mut totals: SpendTotals = match meta.get(KEY_SPEND)? {
+            let mut totals: SpendTotals = match meta.get(key)? {
                 Some(v) => decode("spend", &v).map_err(abort)?,
                 None => SpendTotals::default(),
             };
             totals.usd = (totals.usd + usd).max(0.0);
             totals.audio_seconds = (totals.audio_seconds + audio_seconds).max(0.0);
-            meta.insert(KEY_SPEND, encode(&totals).map_err(abort)?)?;
+            meta.insert(key, encode(&totals).map_err(abort)?)?;
             Ok(totals)
         });
         result.map_err(tx_err)

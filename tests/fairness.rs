@@ -1,0 +1,107 @@
+//! Active batches share submission: a small batch dropped behind a large one
+//! starts at once and finishes long before it; `pause` stops a batch's new
+//! tasks (running ones finish), `resume` and `priority` act through the
+//! daemon's admin routes, all from the command line.
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::*;
+
+fn cli(dirs: &Dirs, listen: std::net::SocketAddr, args: &[&str]) -> (bool, String) {
+    let out = Command::new(BIN)
+        .args(args)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .arg("--state")
+        .arg(&dirs.state)
+        .output()
+        .expect("run the CLI");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// Tasks the simulator has seen for rows whose audio URL names `prefix`.
+fn tasks_of(sim: &Sim, prefix: &str) -> usize {
+    let needle = format!("/{prefix}/");
+    sim.handle
+        .tasks()
+        .iter()
+        .filter(|t| t.audio_url.contains(&needle))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_batch_is_not_stuck_behind_a_large_one_and_pause_holds_a_batch() {
+    let sim = Sim::start(fast_sim()).await;
+    let dirs = Dirs::new();
+    let listen = free_addr();
+    let extra = with_poll(&["--max-concurrent", "4"]);
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &extra, 0);
+    write_manifest(
+        &dirs.inbox,
+        "big.csv",
+        &rows("big", 240, |_| "sim_audio_seconds=10".into()),
+    );
+    let started = wait_for(Duration::from_secs(30), || {
+        (tasks_of(&sim, "big") >= 8).then_some(())
+    })
+    .await;
+    assert!(started.is_some(), "log:\n{}", log_text(&dirs, 0));
+
+    write_manifest(
+        &dirs.inbox,
+        "small.csv",
+        &rows("small", 6, |_| "sim_audio_seconds=5".into()),
+    );
+    let small_done = wait_results(&dirs, "small", Duration::from_secs(30)).await;
+    assert!(
+        small_done,
+        "the small batch waited; log:\n{}",
+        log_text(&dirs, 0)
+    );
+    let big_tasks = tasks_of(&sim, "big");
+    assert!(
+        big_tasks < 180,
+        "the small batch finished only after {big_tasks} of the big one's 240 rows"
+    );
+    assert!(!dirs.batch_dir("big").join("results.csv").exists());
+
+    // Pause: the big batch's running tasks finish, no new ones start.
+    let (ok, text) = cli(&dirs, listen, &["pause", "big"]);
+    assert!(ok && text.contains("paused"), "{text}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let paused_at = tasks_of(&sim, "big");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        tasks_of(&sim, "big"),
+        paused_at,
+        "tasks started while paused"
+    );
+    let (ok, text) = cli(&dirs, listen, &["status"]);
+    assert!(ok && text.contains("PAUSED"), "{text}");
+
+    let (ok, text) = cli(&dirs, listen, &["priority", "big", "high"]);
+    assert!(ok && text.contains("priority high"), "{text}");
+    let (ok, text) = cli(&dirs, listen, &["resume", "big"]);
+    assert!(ok && text.contains("submitting"), "{text}");
+    let big_done = wait_results(&dirs, "big", Duration::from_secs(90)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    assert!(big_done, "log:\n{}", log_text(&dirs, 0));
+    assert!(status.is_some_and(|s| s.success()));
+    let results = check_results_against_sim(&dirs, "big", &sim.handle);
+    assert_eq!(results.len(), 240);
+    assert_eq!(sim.handle.stats().max_submissions_per_pair, 1);
+
+    // With the daemon stopped the CLI works on the state folder; an unknown
+    // batch is refused.
+    let (ok, text) = cli(&dirs, listen, &["priority", "nosuch", "low"]);
+    assert!(!ok, "{text}");
+    sim.stop().await;
+}
