@@ -12,17 +12,17 @@ use serde::{Deserialize, Serialize};
 use crate::config::ApiKey;
 use crate::spec::{RowDefaults, RowSpec};
 
-pub const SUBMIT_PATH: &str = "/api/v1/generateTask/infinitetalk";
-pub const STATUS_PATH: &str = "/api/v1/statusTask/infinitetalk";
+pub(crate) const SUBMIT_PATH: &str = "/api/v1/generateTask/infinitetalk";
+pub(crate) const STATUS_PATH: &str = "/api/v1/statusTask/infinitetalk";
 /// Largest API answer body read; a longer one is cut off and counts as
 /// unreadable (the envelope is a few hundred bytes).
-pub const MAX_BODY_BYTES: usize = 1024 * 1024;
+pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// Most result URLs taken from one task; further ones are dropped with a
 /// warning (the model returns one video).
-pub const MAX_RESULT_URLS: usize = 16;
+pub(crate) const MAX_RESULT_URLS: usize = 16;
 /// Longest `Retry-After` honoured, unless configured lower; a larger value is
 /// clamped to this.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// Why submission is paused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -341,7 +341,7 @@ impl TaskStatus {
 }
 
 /// Parses a whole status envelope (as a callback body carries it).
-pub fn parse_status_envelope(bytes: &[u8]) -> Result<TaskStatus, ApiError> {
+pub(crate) fn parse_status_envelope(bytes: &[u8]) -> Result<TaskStatus, ApiError> {
     let env: Envelope = serde_json::from_slice(bytes)
         .map_err(|e| ApiError::Malformed(format!("not the envelope: {e}")))?;
     let data = env
@@ -564,7 +564,7 @@ fn network(e: reqwest::Error) -> ApiError {
 }
 
 /// An error with its sources, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -29,7 +29,7 @@ use crate::supervisor::Beat;
 
 /// Why one download attempt did not finish.
 #[derive(Debug, thiserror::Error)]
-pub enum DownloadError {
+pub(crate) enum DownloadError {
     /// The URL is no longer valid: ask for fresh ones.
     #[error("result URL answered {0}")]
     Expired(u16),
@@ -55,7 +55,7 @@ pub enum DownloadError {
 /// The file name of result `index` (0-based) of row `id`: `ID.mp4`, then
 /// `ID~2.mp4`, ... (`~` is outside the id alphabet, so no two rows can
 /// claim the same name).
-pub fn output_name(id: &str, index: usize) -> String {
+pub(crate) fn output_name(id: &str, index: usize) -> String {
     if index == 0 {
         format!("{id}.mp4")
     } else {
@@ -91,7 +91,7 @@ async fn remove_other_parts(dest: &Path, keep: &Path) {
 /// Runs downloads as rows reach `downloading`, at most `max_downloads` at
 /// once. When it starts (or restarts) it takes up every row the store has
 /// in `downloading`; a row whose download already runs is not started twice.
-pub async fn download_worker(
+pub(crate) async fn download_worker(
     engine: Arc<Engine>,
     rx: &mut mpsc::UnboundedReceiver<RowKey>,
     beat: Beat,
@@ -344,7 +344,7 @@ async fn open_part(part: &Path, append: bool) -> Result<tokio::fs::File, Downloa
 
 /// Downloads `url` to `dest` for `task_id`, resuming the task's `.part`
 /// file left by an earlier try.
-pub async fn fetch_one(
+pub(crate) async fn fetch_one(
     engine: &Engine,
     url: &str,
     dest: &Path,

@@ -6,7 +6,7 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// The hidden temporary name used while `path` is being written.
-pub fn temp_path(path: &Path, suffix: &str) -> PathBuf {
+pub(crate) fn temp_path(path: &Path, suffix: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -15,7 +15,7 @@ pub fn temp_path(path: &Path, suffix: &str) -> PathBuf {
 }
 
 /// Makes a rename or a new file in `dir` durable.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
+pub(crate) fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
@@ -27,14 +27,14 @@ fn parent(path: &Path) -> &Path {
 }
 
 /// Writes `bytes` to `path` atomically and durably.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     write_atomic_with(path, |f| f.write_all(bytes))
 }
 
 /// Writes `path` atomically through `fill`, which gets a buffered writer.
 /// The temporary file is created exclusively under an unpredictable hidden
 /// name (`.NAME.XXXXXX.tmp`), so nothing planted at a known name is followed.
-pub fn write_atomic_with(
+pub(crate) fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut io::BufWriter<&File>) -> io::Result<()>,
 ) -> io::Result<()> {
@@ -57,7 +57,7 @@ pub fn write_atomic_with(
 }
 
 /// Removes temporary files a killed [`write_atomic_with`] of `path` left.
-pub fn remove_temps(path: &Path) -> io::Result<()> {
+pub(crate) fn remove_temps(path: &Path) -> io::Result<()> {
     let Some(name) = path.file_name().map(|n| n.to_string_lossy().into_owned()) else {
         return Ok(());
     };
@@ -78,14 +78,14 @@ pub fn remove_temps(path: &Path) -> io::Result<()> {
 }
 
 /// Copies `from` to `to` durably under a temporary name first.
-pub fn copy_atomic(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn copy_atomic(from: &Path, to: &Path) -> io::Result<()> {
     let mut src = File::open(from)?;
     write_atomic_with(to, |w| io::copy(&mut src, w).map(|_| ()))
 }
 
 /// Moves `from` to `to` (both durable after), falling back to copy and
 /// remove across filesystems. `to` appears whole or not at all.
-pub fn move_file(from: &Path, to: &Path) -> io::Result<()> {
+pub(crate) fn move_file(from: &Path, to: &Path) -> io::Result<()> {
     match fs::rename(from, to) {
         Ok(()) => {
             sync_dir(parent(to))?;

@@ -30,24 +30,24 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod api;
+mod api;
 pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod dispatch;
-pub mod download;
+mod download;
 pub mod failpoint;
-pub mod fsutil;
+mod fsutil;
 pub mod inbox;
 pub mod ingest;
-pub mod listener;
+mod listener;
 pub mod manage;
 pub mod manifest;
-pub mod metrics;
+mod metrics;
 pub mod probe;
-pub mod results;
+mod results;
 pub mod simulator;
 pub mod spec;
 pub mod status;
 pub mod store;
-pub mod supervisor;
+mod supervisor;

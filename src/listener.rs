@@ -24,7 +24,7 @@ use crate::metrics::CallbackLabels;
 use crate::status::{self, Limits, Report};
 
 /// Largest callback body accepted.
-pub const MAX_CALLBACK_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_CALLBACK_BYTES: usize = 64 * 1024;
 
 #[derive(Clone)]
 struct App {
@@ -40,7 +40,7 @@ struct App {
 /// `/login` and the callback route are open; every `Host` is checked.
 /// With `callback_here` false (`--callback-listen`), the callback route is
 /// served only by [`callback_router`].
-pub fn router(
+pub(crate) fn router(
     engine: Arc<Engine>,
     registry: Registry,
     secret: String,
@@ -75,7 +75,7 @@ pub fn router(
 /// The callback route alone, for `--callback-listen`: no other route, no
 /// token, no `Host` check (a reverse proxy may rename the host); the secret
 /// path is its only credential.
-pub fn callback_router(engine: Arc<Engine>, secret: String) -> Router {
+pub(crate) fn callback_router(engine: Arc<Engine>, secret: String) -> Router {
     let app = App {
         engine,
         registry: Arc::new(Registry::default()),
@@ -88,7 +88,7 @@ pub fn callback_router(engine: Arc<Engine>, secret: String) -> Router {
 }
 
 /// The live report of a running daemon.
-pub fn live_report(engine: &Engine) -> Report {
+pub(crate) fn live_report(engine: &Engine) -> Report {
     let batches = match status::batches(&engine.store) {
         Ok(b) => b,
         Err(e) => {

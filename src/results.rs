@@ -15,9 +15,9 @@ use crate::ingest::Folders;
 use crate::store::{BatchPhase, BatchRecord, BatchSeq, RowRecord, Store, StoreError};
 use crate::supervisor::Beat;
 
-pub const RESULTS_NAME: &str = "results.csv";
+pub(crate) const RESULTS_NAME: &str = "results.csv";
 /// Columns added after the manifest's, in this order.
-pub const RESULT_COLUMNS: [&str; 7] = [
+pub(crate) const RESULT_COLUMNS: [&str; 7] = [
     "state",
     "task_id",
     "output",
@@ -27,10 +27,10 @@ pub const RESULT_COLUMNS: [&str; 7] = [
     "cost_usd",
 ];
 /// Added after the others for batches run against the built-in simulator.
-pub const SIMULATED_COLUMN: &str = "simulated";
+pub(crate) const SIMULATED_COLUMN: &str = "simulated";
 
 #[derive(Debug, thiserror::Error)]
-pub enum ResultsError {
+pub(crate) enum ResultsError {
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -50,7 +50,7 @@ pub enum ResultsError {
 }
 
 /// Writes `results.csv` of `batch` (whose rows have all ended).
-pub fn write_results(
+pub(crate) fn write_results(
     store: &Store,
     folders: &Folders,
     batch: &BatchRecord,
@@ -181,7 +181,7 @@ fn result_cells(record: &RowRecord, simulated: bool) -> Vec<String> {
 /// Writes `results.csv` for batches whose last row ended. When it starts
 /// (or restarts) it looks at every active batch: one whose rows all ended
 /// is finished, one cancelled with rows never claimed has them ended.
-pub async fn finish_worker(
+pub(crate) async fn finish_worker(
     engine: Arc<Engine>,
     rx: &mut mpsc::UnboundedReceiver<BatchSeq>,
     beat: Beat,

@@ -30,7 +30,7 @@ const FAILURE_WINDOW: Duration = Duration::from_secs(300);
 
 /// When each worker last showed it goes round.
 #[derive(Debug)]
-pub struct Health {
+pub(crate) struct Health {
     born: Instant,
     workers: Mutex<Vec<(&'static str, Arc<AtomicU64>)>>,
 }
@@ -62,7 +62,7 @@ impl Health {
     }
 
     /// The worker whose stamp is oldest, if older than `fresh`.
-    pub fn stalled(&self, fresh: Duration) -> Option<(&'static str, Duration)> {
+    pub(crate) fn stalled(&self, fresh: Duration) -> Option<(&'static str, Duration)> {
         let now = self.now_ms();
         let workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
         workers
@@ -127,7 +127,7 @@ pub struct GaveUp {
 }
 
 /// Owns the workers: starts them, restarts them, stops them.
-pub struct Supervisor {
+pub(crate) struct Supervisor {
     tracker: TaskTracker,
     stop: CancellationToken,
     health: Arc<Health>,
@@ -139,7 +139,7 @@ pub struct Supervisor {
 
 impl Supervisor {
     /// Workers stop when `stop` fires (they watch it themselves).
-    pub fn new(stop: CancellationToken, metrics: Arc<Metrics>) -> Supervisor {
+    pub(crate) fn new(stop: CancellationToken, metrics: Arc<Metrics>) -> Supervisor {
         Supervisor {
             tracker: TaskTracker::new(),
             stop,
@@ -150,17 +150,17 @@ impl Supervisor {
         }
     }
 
-    pub fn health(&self) -> Arc<Health> {
+    pub(crate) fn health(&self) -> Arc<Health> {
         self.health.clone()
     }
 
     /// Fires when a worker failed too often to go on.
-    pub fn fatal(&self) -> CancellationToken {
+    pub(crate) fn fatal(&self) -> CancellationToken {
         self.fatal.clone()
     }
 
     /// Why, once [`Supervisor::fatal`] fired.
-    pub fn gave_up(&self) -> Option<GaveUp> {
+    pub(crate) fn gave_up(&self) -> Option<GaveUp> {
         self.gave_up
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -169,7 +169,7 @@ impl Supervisor {
 
     /// Runs a watched worker: `make` builds one run of it from its beat. A run
     /// ends normally only once `stop` fired; anything else is a failure.
-    pub fn spawn<F, Fut>(&self, name: &'static str, make: F)
+    pub(crate) fn spawn<F, Fut>(&self, name: &'static str, make: F)
     where
         F: FnMut(Beat) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -180,7 +180,7 @@ impl Supervisor {
 
     /// Runs a worker whose liveness is not watched (one that only waits on
     /// the network or the filesystem, like the listener).
-    pub fn spawn_unwatched<F, Fut>(&self, name: &'static str, make: F)
+    pub(crate) fn spawn_unwatched<F, Fut>(&self, name: &'static str, make: F)
     where
         F: FnMut(Beat) -> Fut + Send + 'static,
         Fut: Future<Output = ()> + Send + 'static,
@@ -245,7 +245,7 @@ impl Supervisor {
     }
 
     /// Waits for every worker to end (after `stop` fired).
-    pub async fn wait(&self) {
+    pub(crate) async fn wait(&self) {
         self.tracker.close();
         self.tracker.wait().await;
     }

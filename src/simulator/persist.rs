@@ -119,7 +119,7 @@ pub(crate) struct Journal {
 impl Journal {
     /// Writes a fresh file holding `tasks` (pruned already) and opens it for
     /// appending.
-    pub fn create(
+    pub(super) fn create(
         path: &Path,
         secret: &str,
         addr: SocketAddr,
@@ -141,7 +141,7 @@ impl Journal {
     }
 
     /// Appends one task: one `write` of one whole line.
-    pub fn append(&mut self, task: &SavedTask) -> io::Result<()> {
+    pub(super) fn append(&mut self, task: &SavedTask) -> io::Result<()> {
         let mut line = serde_json::to_vec(task).map_err(io::Error::other)?;
         line.push(b'\n');
         self.file.write_all(&line)?;
@@ -150,12 +150,12 @@ impl Journal {
     }
 
     /// Whether the appended lines call for a compaction, given `live` tasks.
-    pub fn wants_compaction(&self, live: usize) -> bool {
+    pub(super) fn wants_compaction(&self, live: usize) -> bool {
         self.appended > live.max(COMPACT_MIN)
     }
 
     /// Replaces the file with `tasks` (pruned already), atomically.
-    pub fn rewrite(&mut self, tasks: &[SavedTask]) -> io::Result<()> {
+    pub(super) fn rewrite(&mut self, tasks: &[SavedTask]) -> io::Result<()> {
         write_all(&self.path, &self.header, tasks)?;
         self.file = OpenOptions::new().append(true).open(&self.path)?;
         self.appended = 0;

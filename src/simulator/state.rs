@@ -248,7 +248,7 @@ pub(crate) fn now_ms() -> u64 {
 
 impl Shared {
     /// `saved`: what [`persist::load`] read from `args.tasks_file`.
-    pub fn new(
+    pub(super) fn new(
         args: SimArgs,
         addr: SocketAddr,
         shutdown: CancellationToken,
@@ -328,19 +328,19 @@ impl Shared {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn faults(&self) -> Faults {
+    pub(super) fn faults(&self) -> Faults {
         self.lock().faults.clone()
     }
 
-    pub fn set_faults(&self, faults: Faults) {
+    pub(super) fn set_faults(&self, faults: Faults) {
         self.lock().faults = faults;
     }
 
-    pub fn update_faults(&self, f: impl FnOnce(&mut Faults)) {
+    pub(super) fn update_faults(&self, f: impl FnOnce(&mut Faults)) {
         f(&mut self.lock().faults);
     }
 
-    pub fn record(&self, f: impl FnOnce(&mut SimStats)) {
+    pub(super) fn record(&self, f: impl FnOnce(&mut SimStats)) {
         f(&mut self.lock().stats);
     }
 
@@ -348,7 +348,7 @@ impl Shared {
     ///
     /// API requests (submit, status) enter the sliding window whatever their
     /// answer will be, 429s included, as the arrival is what a server counts.
-    pub fn arrive(&self, endpoint: Endpoint) -> Draw {
+    pub(super) fn arrive(&self, endpoint: Endpoint) -> Draw {
         let now = Instant::now();
         let mut g = self.lock();
         let inner = &mut *g;
@@ -429,7 +429,7 @@ impl Shared {
     /// Creates a task, or refuses at the concurrency cap.
     ///
     /// `credits_out` makes the task fail with `INSUFFICIENT_CREDITS`.
-    pub fn create_task(
+    pub(super) fn create_task(
         &self,
         req: &SubmitRequest,
         credits_out: bool,
@@ -521,7 +521,7 @@ impl Shared {
 
     /// Callback-mode tasks loaded from the tasks file that have not ended:
     /// their callbacks are owed still.
-    pub fn callbacks_owed(&self) -> Vec<(String, String)> {
+    pub(super) fn callbacks_owed(&self) -> Vec<(String, String)> {
         let now = Instant::now();
         let g = self.lock();
         g.order
@@ -532,12 +532,12 @@ impl Shared {
             .collect()
     }
 
-    pub fn ends_at(&self, task_id: &str) -> Option<Instant> {
+    pub(super) fn ends_at(&self, task_id: &str) -> Option<Instant> {
         self.lock().tasks.get(task_id).map(|t| t.ends_at)
     }
 
     /// The `data` of a status answer, with freshly signed result URLs.
-    pub fn status_data(&self, task_id: &str) -> Option<Value> {
+    pub(super) fn status_data(&self, task_id: &str) -> Option<Value> {
         let now = Instant::now();
         let g = self.lock();
         let t = g.tasks.get(task_id)?;
@@ -590,7 +590,7 @@ impl Shared {
     }
 
     /// Checks a result URL's token: `Err(403)` if forged, `Err(410)` if expired.
-    pub fn check_token(&self, task_id: &str, index: usize, token: &str) -> Result<(), u16> {
+    pub(super) fn check_token(&self, task_id: &str, index: usize, token: &str) -> Result<(), u16> {
         let exp = token
             .split_once('.')
             .and_then(|(e, _)| e.parse::<u64>().ok())
@@ -605,7 +605,7 @@ impl Shared {
     }
 
     /// The bytes of result file `index` if the task has succeeded and has it.
-    pub fn result_bytes(&self, task_id: &str, index: usize) -> Option<Vec<u8>> {
+    pub(super) fn result_bytes(&self, task_id: &str, index: usize) -> Option<Vec<u8>> {
         let now = Instant::now();
         let (results, pad) = {
             let g = self.lock();
@@ -618,7 +618,7 @@ impl Shared {
         (index < results).then(|| video::result_video(task_id, index, pad))
     }
 
-    pub fn stats(&self) -> SimStats {
+    pub(super) fn stats(&self) -> SimStats {
         let now = Instant::now();
         let mut g = self.lock();
         g.prune(now);
@@ -635,7 +635,7 @@ impl Shared {
         s
     }
 
-    pub fn tasks(&self) -> Vec<TaskInfo> {
+    pub(super) fn tasks(&self) -> Vec<TaskInfo> {
         let now = Instant::now();
         let snapshot: Vec<(TaskInfo, Option<FileSpec>)> = {
             let g = self.lock();

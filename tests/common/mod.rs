@@ -1,6 +1,6 @@
 //! Shared pieces of the integration tests: temp folders, the real binary as a
 //! child process, the built-in simulator on 127.0.0.1:0, bounded waits.
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::collections::HashMap;
 use std::fs;
