@@ -352,11 +352,20 @@ async fn priority_handler(
 
 /// Spend gauges for `/metrics`.
 pub fn spend_metrics(engine: &Engine) -> String {
-    let totals = engine.store.spend().unwrap_or_default();
+    // Real money only here; a simulated run's account has a gauge of its own.
+    let totals = engine.store.spend_of(false).unwrap_or_default();
     let mut out = String::from(
         "# HELP infinitetalk_spent_usd Known cost of the rows submitted (5 s minimum per row when not probed).\n# TYPE infinitetalk_spent_usd gauge\n",
     );
     out.push_str(&format!("infinitetalk_spent_usd {}\n", totals.usd));
+    if engine.settings.simulate {
+        let simulated = engine.store.spend_of(true).unwrap_or_default();
+        out.push_str("# HELP infinitetalk_simulated_spent_usd What a --simulate run would have cost (never paid, never counted against the cap of a real run).\n# TYPE infinitetalk_simulated_spent_usd gauge\n");
+        out.push_str(&format!(
+            "infinitetalk_simulated_spent_usd {}\n",
+            simulated.usd
+        ));
+    }
     out.push_str("# HELP infinitetalk_audio_seconds Seconds of probed audio submitted.\n# TYPE infinitetalk_audio_seconds gauge\n");
     out.push_str(&format!(
         "infinitetalk_audio_seconds {}\n",
