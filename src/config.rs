@@ -407,6 +407,8 @@ impl Settings {
             .download_give_up
             .unwrap_or(Duration::from_secs(15 * 24 * 3600));
         at_most("download-give-up", download_give_up, 366 * DAY)?;
+        let task_lost_after = file.task_lost_after.unwrap_or(Duration::from_secs(30 * 60));
+        at_most("task-lost-after", task_lost_after, 30 * DAY)?;
         let max_spend_usd = args.max_spend_usd.or(file.max_spend_usd);
         if let Some(cap) = max_spend_usd
             && !(cap.is_finite() && cap >= 0.0)
@@ -462,7 +464,7 @@ impl Settings {
             }),
             max_resubmits: file.max_resubmits.unwrap_or(2),
             download_give_up,
-            task_lost_after: file.task_lost_after.unwrap_or(Duration::from_secs(30 * 60)),
+            task_lost_after,
             max_downloads,
             pause_probe,
             probe: args.probe || file.probe.unwrap_or(false),

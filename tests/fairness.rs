@@ -73,6 +73,23 @@ async fn a_small_batch_is_not_stuck_behind_a_large_one_and_pause_holds_a_batch()
     );
     assert!(!dirs.batch_dir("big").join("results.csv").exists());
 
+    // The new routes sit behind the admin boundary: no token, no change.
+    let client = reqwest::Client::new();
+    for route in ["pause", "resume", "priority"] {
+        let answer = client
+            .post(format!("http://{listen}/batches/big/{route}"))
+            .body(r#"{"priority": "low"}"#)
+            .send()
+            .await
+            .expect("daemon answers");
+        assert_eq!(answer.status().as_u16(), 401, "{route} without the token");
+    }
+    let (ok, text) = cli(&dirs, listen, &["status"]);
+    assert!(
+        ok && !text.contains("PAUSED") && !text.contains("low"),
+        "{text}"
+    );
+
     // Pause: the big batch's running tasks finish, no new ones start.
     let (ok, text) = cli(&dirs, listen, &["pause", "big"]);
     assert!(ok && text.contains("paused"), "{text}");
