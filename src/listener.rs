@@ -19,7 +19,7 @@ use axum::routing::{get, post};
 use prometheus_client::registry::Registry;
 
 use crate::admin::{Gate, constant_time_eq};
-use crate::dispatch::{Engine, PollCmd};
+use crate::dispatch::{Engine, PollCmd, progress};
 use crate::metrics::CallbackLabels;
 use crate::status::{self, Limits, Report};
 
@@ -89,15 +89,17 @@ pub(crate) fn callback_router(engine: Arc<Engine>, secret: String) -> Router {
 
 /// The live report of a running daemon.
 pub(crate) fn live_report(engine: &Engine) -> Report {
-    let batches = match status::batches(&engine.store) {
+    let mut batches = match status::batches(&engine.store) {
         Ok(b) => b,
         Err(e) => {
             tracing::error!(error = %e, "cannot read batches for /status");
             Vec::new()
         }
     };
+    let eta_seconds = estimate(engine, &mut batches);
     Report {
         live: true,
+        eta_seconds,
         batches,
         paused: engine.paused().map(|r| r.as_str().to_owned()),
         limits: Some(Limits {
@@ -115,6 +117,42 @@ pub(crate) fn live_report(engine: &Engine) -> Report {
             })
             .ok(),
     }
+}
+
+/// Fills in each active batch's estimated time to finish, and returns the
+/// estimate for all of them: at the rate rows end lately, else from the mean
+/// task time and the batch's share of the slots (its priority's weight).
+fn estimate(engine: &Engine, batches: &mut [status::BatchStatus]) -> Option<u64> {
+    let running = |b: &status::BatchStatus| {
+        b.phase != crate::store::BatchPhase::Finished && !b.paused && b.remaining() > 0
+    };
+    let weights: usize = batches
+        .iter()
+        .filter(|b| running(b))
+        .map(|b| b.priority.weight())
+        .sum();
+    let slots = f64::from(engine.settings.max_concurrent);
+    let mean = engine.mean_task_secs();
+    let (mut remaining, mut rate, mut all_rated) = (0u64, 0.0, true);
+    for b in batches.iter_mut() {
+        if b.phase == crate::store::BatchPhase::Finished || b.remaining() == 0 {
+            b.eta_seconds = None;
+            continue;
+        }
+        if b.paused {
+            continue;
+        }
+        let share = slots * b.priority.weight() as f64 / weights.max(1) as f64;
+        let r = engine.progress.rate(b.seq);
+        b.eta_seconds = progress::eta_seconds(b.remaining(), r, mean, share);
+        remaining += b.remaining();
+        match r {
+            Some(r) => rate += r,
+            None => all_rated = false,
+        }
+    }
+    let rate = (all_rated && rate > 0.0).then_some(rate);
+    progress::eta_seconds(remaining, rate, mean, slots)
 }
 
 async fn status_handler(State(app): State<App>) -> Response {

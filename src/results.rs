@@ -243,6 +243,7 @@ async fn finish(engine: &Engine, seq: BatchSeq) {
     .await;
     match written {
         Ok(Ok(path)) => {
+            engine.progress.forget(batch.seq);
             tracing::info!(
                 batch = %batch.name, done = batch.counts.done, failed = batch.counts.failed,
                 results = %path.display(), "batch finished"

@@ -8,6 +8,9 @@ use crate::store::{BatchPhase, BatchRecord, Priority, Store, StoreError};
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BatchStatus {
     pub name: String,
+    /// The store's number for the batch (not shown).
+    #[serde(skip)]
+    pub seq: crate::store::BatchSeq,
     pub phase: BatchPhase,
     pub total: u64,
     pub queued: u64,
@@ -21,12 +24,24 @@ pub struct BatchStatus {
     pub paused: bool,
     #[serde(default)]
     pub cancelled: bool,
+    /// Estimated seconds until every row has ended (a running daemon only;
+    /// none while paused or not yet known).
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
+}
+
+impl BatchStatus {
+    /// Rows not ended yet.
+    pub fn remaining(&self) -> u64 {
+        self.queued + self.in_flight + self.downloading
+    }
 }
 
 impl From<&BatchRecord> for BatchStatus {
     fn from(b: &BatchRecord) -> Self {
         BatchStatus {
             name: b.name.clone(),
+            seq: b.seq,
             phase: b.phase,
             total: b.total_rows,
             queued: b.queued(),
@@ -37,6 +52,7 @@ impl From<&BatchRecord> for BatchStatus {
             priority: b.priority,
             paused: b.paused,
             cancelled: b.cancelled,
+            eta_seconds: None,
         }
     }
 }
@@ -105,6 +121,10 @@ pub struct Report {
     pub simulated: bool,
     #[serde(default)]
     pub spend: Option<Spend>,
+    /// Estimated seconds until every active batch has ended (a running
+    /// daemon only).
+    #[serde(default)]
+    pub eta_seconds: Option<u64>,
 }
 
 /// The batches as the store has them (ingesting ones left out).
@@ -128,6 +148,7 @@ pub fn from_store(store: &Store) -> Result<Report, StoreError> {
         requests_last_minute: None,
         simulated: false,
         spend: Some(Spend::from_store(store)?),
+        eta_seconds: None,
     })
 }
 
@@ -139,6 +160,16 @@ fn bar(done: u64, total: u64, width: usize) -> String {
     };
     let filled = filled.min(width);
     format!("[{}{}]", "#".repeat(filled), ".".repeat(width - filled))
+}
+
+/// `90` -> `1m30s`, `7200` -> `2h0m`: an estimate needs no more.
+pub fn short_duration(secs: u64) -> String {
+    match secs {
+        s if s < 60 => format!("{s}s"),
+        s if s < 3600 => format!("{}m{}s", s / 60, s % 60),
+        s if s < 86_400 => format!("{}h{}m", s / 3600, (s % 3600) / 60),
+        s => format!("{}d{}h", s / 86_400, (s % 86_400) / 3600),
+    }
 }
 
 /// A table a person reads at a glance.
@@ -198,12 +229,12 @@ pub fn render(report: &Report) -> String {
         .unwrap_or(5)
         .max(5);
     out.push_str(&format!(
-        "{:<width$}  {:>8} {:>8} {:>9} {:>11} {:>8} {:>8}  progress\n",
-        "batch", "total", "queued", "in flight", "downloading", "done", "failed"
+        "{:<width$}  {:>8} {:>8} {:>9} {:>11} {:>8} {:>8} {:>9}  progress\n",
+        "batch", "total", "queued", "in flight", "downloading", "done", "failed", "eta"
     ));
     for b in &report.batches {
         out.push_str(&format!(
-            "{:<width$}  {:>8} {:>8} {:>9} {:>11} {:>8} {:>8}  {} {}\n",
+            "{:<width$}  {:>8} {:>8} {:>9} {:>11} {:>8} {:>8} {:>9}  {} {}\n",
             b.name,
             b.total,
             b.queued,
@@ -211,6 +242,7 @@ pub fn render(report: &Report) -> String {
             b.downloading,
             b.done,
             b.failed,
+            b.eta_seconds.map_or_else(|| "-".to_owned(), short_duration),
             bar(b.done + b.failed, b.total, 20),
             if b.phase == BatchPhase::Finished {
                 "finished".to_owned()
@@ -230,6 +262,12 @@ pub fn render(report: &Report) -> String {
     }
     if report.batches.is_empty() {
         out.push_str("(no batches yet)\n");
+    }
+    if let Some(eta) = report.eta_seconds.filter(|s| *s > 0) {
+        out.push_str(&format!(
+            "estimated time to finish every batch: {}\n",
+            short_duration(eta)
+        ));
     }
     out
 }

@@ -108,6 +108,23 @@ async fn a_small_batch_is_not_stuck_behind_a_large_one_and_pause_holds_a_batch()
     assert!(ok && text.contains("priority high"), "{text}");
     let (ok, text) = cli(&dirs, listen, &["resume", "big"]);
     assert!(ok && text.contains("submitting"), "{text}");
+    // A running batch has an estimated time to finish; a finished one none.
+    let (ok, text) = cli(&dirs, listen, &["status", "--json"]);
+    assert!(ok, "{text}");
+    let report: serde_json::Value = serde_json::from_str(&text).expect("status --json");
+    let eta_of = |name: &str| {
+        report["batches"]
+            .as_array()
+            .and_then(|b| b.iter().find(|b| b["name"] == name))
+            .map(|b| b["eta_seconds"].clone())
+    };
+    assert!(
+        eta_of("big")
+            .and_then(|e| e.as_u64())
+            .is_some_and(|e| e > 0),
+        "{text}"
+    );
+    assert_eq!(eta_of("small"), Some(serde_json::Value::Null), "{text}");
     let big_done = wait_results(&dirs, "big", Duration::from_secs(90)).await;
     let status = terminate(&mut daemon, Duration::from_secs(25));
     assert!(big_done, "log:\n{}", log_text(&dirs, 0));

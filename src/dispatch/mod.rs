@@ -20,6 +20,7 @@
 
 pub mod budget;
 pub mod poll;
+pub mod progress;
 pub mod schedule;
 mod spend;
 pub mod submit;
@@ -91,6 +92,11 @@ pub struct Engine {
     pub prober: crate::probe::Prober,
     /// `--max-spend-usd`; a new value (a reload) wakes a paused submitter.
     pub spend_cap: watch::Sender<Option<f64>>,
+    /// Rows ended lately, per batch and per minute.
+    pub progress: progress::Progress,
+    /// Mean task time the poll model has learned, in seconds (f64 bits; 0:
+    /// not known yet).
+    mean_task_bits: AtomicU64,
 }
 
 /// The receiving ends of the engine's wake-up channels. Each sits behind a
@@ -154,6 +160,8 @@ impl Engine {
                 crate::probe::DEFAULT_PROBES_IN_FLIGHT,
             ),
             spend_cap: watch::channel(settings.max_spend_usd).0,
+            progress: progress::Progress::default(),
+            mean_task_bits: AtomicU64::new(0),
             settings,
         };
         let inboxes = Inboxes {
@@ -234,6 +242,16 @@ impl Engine {
         self.in_flight.load(Ordering::Relaxed)
     }
 
+    /// Mean task time learned by the poll model, once it knows one.
+    pub fn mean_task_secs(&self) -> Option<f64> {
+        let m = f64::from_bits(self.mean_task_bits.load(Ordering::Relaxed));
+        (m > 0.0 && m.is_finite()).then_some(m)
+    }
+
+    fn set_mean_task_secs(&self, secs: f64) {
+        self.mean_task_bits.store(secs.to_bits(), Ordering::Relaxed);
+    }
+
     /// Sets a new spend cap (a config reload); a higher one resumes submission.
     pub fn set_spend_cap(&self, cap: Option<f64>) {
         self.spend_cap.send_replace(cap);
@@ -290,6 +308,7 @@ impl Engine {
 
     fn after(&self, key: RowKey, record: &RowRecord) {
         if record.state.is_final() {
+            self.progress.ended(key.batch);
             self.ended.notify_one();
             let _ = self.finished.send(key.batch);
         } else if record.state == RowState::Queued {

@@ -301,6 +301,9 @@ impl Poller {
         }
         if self.model.refit(limits(&self.engine), Instant::now()) {
             log_ladders(&self.model);
+            if let Some(mean) = self.model.mean() {
+                self.engine.set_mean_task_secs(mean);
+            }
             if !was_trained {
                 self.scouts.clear();
             }

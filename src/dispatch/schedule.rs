@@ -131,6 +131,12 @@ impl PollModel {
         self.samples.len()
     }
 
+    /// The mean duration seen, in seconds.
+    pub fn mean(&self) -> Option<f64> {
+        let n = self.samples.len();
+        (n > 0).then(|| self.samples.iter().map(|s| s.secs).sum::<f64>() / n as f64)
+    }
+
     /// The longest duration seen, in seconds.
     pub fn longest(&self) -> Option<f64> {
         self.samples.iter().map(|s| s.secs).reduce(f64::max)
