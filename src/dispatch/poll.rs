@@ -31,6 +31,8 @@ pub const TASK_NOT_FOUND: &str = "TASK_NOT_FOUND";
 /// The first tasks followed ("scouts") are polled at growing intervals; the
 /// others wait until all of them have ended and the model has started.
 const SCOUTS: usize = 8;
+/// What the poll model learned is saved this often (it is small).
+const SAVE_MODEL_EVERY: Duration = Duration::from_secs(10);
 
 /// Messages to the poll worker.
 #[derive(Debug)]
@@ -97,6 +99,9 @@ pub struct Poller {
     cohort_full: bool,
     callback_mode: bool,
     wire: Arc<Semaphore>,
+    saved_at: Option<Instant>,
+    /// Durations came in since the model was last saved.
+    unsaved: bool,
 }
 
 impl Poller {
@@ -113,12 +118,15 @@ impl Poller {
             scouts: HashSet::new(),
             cohort_full: false,
             wire: Arc::new(Semaphore::new(POLLS_IN_FLIGHT)),
+            saved_at: None,
+            unsaved: false,
         }
     }
 
     /// Follows every task to its end until the engine stops.
     pub async fn run(mut self, cmds: &mut mpsc::UnboundedReceiver<PollCmd>) {
         let engine = self.engine.clone();
+        self.restore_model().await;
         if let Err(e) = self.take_up_running().await {
             tracing::error!(error = %e, "cannot read the running tasks; restarting the poller");
             return;
@@ -137,7 +145,10 @@ impl Poller {
             tokio::select! {
                 () = engine.shutdown.cancelled() => break,
                 // Also follows a queue that filled or emptied since the last task ended.
-                _ = alive.tick() => self.retune(),
+                _ = alive.tick() => {
+                    self.retune();
+                    self.save_model(false).await;
+                }
                 cmd = cmds.recv() => match cmd {
                     None => break,
                     Some(cmd) => self.command(cmd),
@@ -148,6 +159,53 @@ impl Poller {
                 }
                 () = sleep_until_opt(next_due) => self.send_due(&done_tx),
             }
+        }
+        self.save_model(true).await;
+    }
+
+    /// Durations a previous run (or this worker before a restart) learned:
+    /// with them the model starts at once, and the tasks taken up are
+    /// polled on a trained ladder from the first second.
+    async fn restore_model(&mut self) {
+        match self.engine.store.call(|s| s.load_durations()).await {
+            Ok(saved) if !saved.is_empty() => {
+                self.model.restore(&saved, SCOUTS);
+                self.retune();
+                tracing::info!(
+                    samples = self.model.samples(),
+                    trained = self.model.is_trained(),
+                    "poll model restored from the last run"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the saved task durations; learning them afresh");
+            }
+        }
+    }
+
+    /// Saves what the model learned, at most every [`SAVE_MODEL_EVERY`]
+    /// unless `now`; on a blocking thread, owned by the engine's tracker.
+    async fn save_model(&mut self, now: bool) {
+        let due = self
+            .saved_at
+            .is_none_or(|at| at.elapsed() >= SAVE_MODEL_EVERY);
+        if !self.unsaved || !(now || due) {
+            return;
+        }
+        self.saved_at = Some(Instant::now());
+        self.unsaved = false;
+        let samples = self.model.export();
+        let store = self.engine.store.clone();
+        let save = async move {
+            if let Err(e) = store.call(move |s| s.save_durations(&samples)).await {
+                tracing::warn!(error = %e, "cannot save the task durations learned");
+            }
+        };
+        if now {
+            save.await;
+        } else {
+            self.engine.tracker.spawn(save);
         }
     }
 
@@ -299,7 +357,10 @@ impl Poller {
         if !was_trained && self.cohort_ended() {
             self.model.start();
         }
-        if self.model.refit(limits(&self.engine), Instant::now()) {
+        if self
+            .model
+            .refit(limits(&self.engine, self.tasks.len()), Instant::now())
+        {
             log_ladders(&self.model);
             if let Some(mean) = self.model.mean() {
                 self.engine.set_mean_task_secs(mean);
@@ -381,6 +442,7 @@ impl Poller {
                     audio = t.audio;
                 }
                 self.model.observe(took, audio);
+                self.unsaved = true;
                 self.retune();
                 self.engine.work.notify_one();
             }
@@ -439,8 +501,9 @@ fn log_ladders(model: &PollModel) {
 }
 
 /// What the poll ladder is chosen for, now.
-fn limits(engine: &Engine) -> Limits {
+fn limits(engine: &Engine, in_flight: usize) -> Limits {
     Limits {
+        in_flight: Limits::round_in_flight(in_flight),
         requests_per_sec: engine.budget.limit() as f64 / budget::WINDOW.as_secs_f64(),
         slots: engine.settings.max_concurrent as f64,
         backlog: engine.backlog.load(Ordering::Relaxed),

@@ -3,26 +3,36 @@
 //! The status endpoint says nothing about progress, so every poll of an
 //! unfinished task is a request spent for nothing, and every moment between a
 //! task finishing and the daemon seeing it keeps a concurrency slot idle.
-//! Each task is polled on a *ladder*: a few moments at quantiles of the
-//! durations seen so far. Which ladder is used is decided by replaying
-//! candidate ladders against the recent durations; each gives the polls a
-//! task needs on average (`p`) and the mean delay before a finished task is
-//! seen (`d`):
+//! Each task is polled on a *ladder*: moments after its submission, chosen
+//! from the durations seen so far. Which ladder is used is decided by
+//! replaying candidate ladders against the recent durations; each gives the
+//! polls a task needs on average (`p`) and the mean delay before a finished
+//! task is seen (`d`):
 //!
 //! - while rows wait to be submitted, the ladder that lets the most tasks
 //!   through: the larger of `min(requests per second / (1 + p),
-//!   slots / (mean duration + d))`. Late, sparse polls when requests are the
-//!   scarce resource; early, dense ones when slots are;
-//! - with nothing waiting, the ladder with the least delay.
+//!   slots / (mean duration + d))`, within half a percent the cheaper one.
+//!   Late, sparse polls when requests are the scarce resource; dense ones
+//!   where tasks are likely to end when slots are, as dense as the spare
+//!   requests allow: the request budget is the only cap on polls;
+//! - with nothing waiting, the ladder with the least delay whose polls the
+//!   budget can carry for the tasks in flight.
 //!
-//! Either way at most [`MAX_POLLS`] polls a task on average. When the audio
-//! length of tasks is known (`--probe`), durations are also learned per second
-//! of audio: task time grows with audio length, so a task's own length narrows
-//! the guess a lot. Until the model has started (the engine starts it once a
-//! whole first cohort of tasks has ended), the cohort's intervals grow by
-//! half from `poll_min`.
-//! Once a task has outlived its whole ladder, polls back off geometrically.
-//! Every interval is kept within `poll_min..=poll_max`.
+//! Candidate ladders put their polls where they pay: for a given number of
+//! rungs, the poll density that minimises the expected delay is proportional
+//! to the square root of the hazard (how likely a task still running at that
+//! age is to end in the next moment), so rungs crowd where tasks end and thin
+//! out where few do. Quantile ladders (a first rung at some quantile, then
+//! evenly to the longest duration) are replayed too; the replay decides.
+//!
+//! When the audio length of tasks is known (`--probe`), durations are also
+//! learned per second of audio: task time grows with audio length, so a
+//! task's own length narrows the guess a lot. Until the model has started
+//! (the engine starts it once a whole first cohort of tasks has ended, or at
+//! once from the samples a previous run saved), the cohort's intervals grow
+//! by half from `poll_min`. Once a task has outlived its whole ladder, polls
+//! back off geometrically. Every interval is kept within
+//! `poll_min..=poll_max`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -31,29 +41,29 @@ use std::time::{Duration, Instant};
 const MIN_SAMPLES: usize = 5;
 /// Durations remembered (the most recent ones).
 const MAX_SAMPLES: usize = 512;
-/// Most status polls a task may need on average under the chosen ladder
-/// (a little under 3: scouts, stragglers and ladders that move as durations
-/// come in add a few polls to what the replay predicts).
-pub const MAX_POLLS: f64 = 2.8;
+/// The share of the request budget a ladder may plan to use: the rest
+/// absorbs polls that bunch up and the submits of tasks that end early.
+const PLANNED_SHARE: f64 = 0.85;
 /// Polls land a hair past their quantile, so the task is likely done.
 const PAST: f64 = 1.02;
 /// Ladders are re-chosen at most this often while tasks keep finishing.
 const REFIT_EVERY: Duration = Duration::from_millis(250);
-/// First rungs tried, as quantiles; each ladder then climbs evenly to the
-/// largest duration seen.
+/// First rungs of the quantile ladders, as quantiles; each ladder then
+/// climbs evenly to the largest duration seen.
 const FIRST_RUNGS: [f64; 17] = [
     0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0,
 ];
-/// Most rungs in a ladder.
+/// Most rungs in a quantile ladder.
 const MAX_RUNGS: usize = 8;
 /// A scout's polls: each at this factor of the age of the one before.
 const SCOUT_STEP: f64 = 1.5;
-/// Rungs of a ladder are at least this factor apart...
-const RUNG_STEP: f64 = 1.1;
-/// ...and a task's next poll comes at least this factor after its last one:
-/// ladders are re-chosen as durations come in, and a rung that merely moved
-/// a little must not earn a task a second poll.
-const POLL_STEP: f64 = 1.05;
+/// Rung counts tried for the square-root-of-hazard ladders.
+const HAZARD_RUNGS: [usize; 26] = [
+    1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192,
+    256,
+];
+/// Bins of the hazard estimate (equal counts of samples each), at most.
+const HAZARD_BINS: usize = 64;
 
 /// What the ladder is chosen for: the engine's limits and whether rows wait.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -64,13 +74,25 @@ pub struct Limits {
     pub slots: f64,
     /// Rows are waiting to be submitted, so throughput is what counts.
     pub backlog: bool,
+    /// Tasks in flight (rounded, see [`Limits::round_in_flight`]): without a
+    /// backlog, what the budget's polls are shared by.
+    pub in_flight: f64,
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Sample {
-    secs: f64,
-    audio: Option<f64>,
+impl Limits {
+    /// Rounds a count of tasks in flight to a step of about 19%, so that
+    /// the limits (and with them the ladders) change only when the count
+    /// really moves.
+    pub fn round_in_flight(n: usize) -> f64 {
+        if n == 0 {
+            return 0.0;
+        }
+        let steps = ((n as f64).ln() / 1.19f64.ln()).round();
+        1.19f64.powf(steps).round().max(1.0)
+    }
 }
+
+use crate::store::DurationSample as Sample;
 
 /// A chosen ladder and what replaying it against the samples predicted.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +153,27 @@ impl PollModel {
         self.samples.len()
     }
 
+    /// The durations remembered, oldest first, for a later run.
+    pub fn export(&self) -> Vec<Sample> {
+        self.samples.iter().copied().collect()
+    }
+
+    /// Takes up the durations a previous run remembered. With at least
+    /// `enough` of them the model starts at once: they are a fair picture
+    /// of durations already (not the first few, short, tasks of a cohort).
+    pub fn restore(&mut self, saved: &[Sample], enough: usize) {
+        let usable = saved
+            .iter()
+            .filter(|s| s.secs.is_finite() && s.secs >= 0.0)
+            .copied();
+        for s in usable.skip(saved.len().saturating_sub(MAX_SAMPLES)) {
+            self.observe(Duration::from_secs_f64(s.secs.min(1e9)), s.audio);
+        }
+        if self.samples.len() >= enough.max(1) {
+            self.ready = true;
+        }
+    }
+
     /// The mean duration seen, in seconds.
     pub fn mean(&self) -> Option<f64> {
         let n = self.samples.len();
@@ -184,9 +227,12 @@ impl PollModel {
             .iter()
             .filter_map(|s| s.audio.map(|a| (s.secs / a, a)))
             .collect();
-        self.plain = choose(&plain, limits);
+        // Rungs closer than `poll_min` could not be kept apart anyway.
+        let gap = self.poll_min.as_secs_f64();
+        self.plain = choose(&plain, limits, gap);
         self.per_audio = if per_audio.len() >= MIN_SAMPLES {
-            choose(&per_audio, limits)
+            let mean_audio = per_audio.iter().map(|(_, a)| a).sum::<f64>() / per_audio.len() as f64;
+            choose(&per_audio, limits, gap / mean_audio.max(1e-9))
         } else {
             None
         };
@@ -221,11 +267,7 @@ impl PollModel {
             // Untrained (a scout): intervals grow by half, so that a scout
             // is seen soon after it ends and the model can start.
             None => from * SCOUT_STEP,
-            Some((ladder, scale)) => ladder
-                .times
-                .iter()
-                .map(|t| t * scale)
-                .find(|t| *t > from * POLL_STEP + min / 2.0)
+            Some((ladder, scale)) => next_rung(&ladder.times, scale, from, min)
                 // Outlived the whole ladder: back off by half its age.
                 .unwrap_or(from * 1.5),
         };
@@ -281,17 +323,32 @@ fn replay(times: &[f64], points: &[(f64, f64)]) -> (f64, f64) {
     (polls / n, delay / n)
 }
 
-/// Drops rungs closer than [`RUNG_STEP`] to the one before, always keeping
-/// the last (past every duration seen).
-fn spread_out(times: &mut Vec<f64>) {
+/// The first rung (scaled) that a task last polled at age `from` has not
+/// passed yet. Ladders are re-chosen as durations come in: a poll that
+/// landed past the middle between two rungs counts as the later one, so a
+/// rung that merely moved a little earns no second poll.
+fn next_rung(times: &[f64], scale: f64, from: f64, min: f64) -> Option<f64> {
+    let mut prev = 0.0;
+    for t in times.iter().map(|t| t * scale) {
+        if from < (prev + t) / 2.0 && t > from + min / 2.0 {
+            return Some(t);
+        }
+        prev = t;
+    }
+    None
+}
+
+/// Drops rungs closer than `gap` to the one before, always keeping the last
+/// (past every duration seen).
+fn spread_out(times: &mut Vec<f64>, gap: f64) {
     let Some(&last) = times.last() else { return };
     let mut kept: Vec<f64> = Vec::with_capacity(times.len());
     for &t in times.iter() {
-        if kept.last().is_none_or(|k| t >= k * RUNG_STEP) {
+        if kept.last().is_none_or(|k| t >= k + gap) {
             kept.push(t);
         }
     }
-    while kept.len() > 1 && kept[kept.len() - 2] * RUNG_STEP > last {
+    while kept.len() > 1 && kept[kept.len() - 2] + gap > last {
         kept.remove(kept.len() - 2);
     }
     if let Some(l) = kept.last_mut() {
@@ -300,18 +357,74 @@ fn spread_out(times: &mut Vec<f64>) {
     *times = kept;
 }
 
-/// The best ladder for `points` (see the module documentation).
-fn choose(points: &[(f64, f64)], limits: Limits) -> Option<Ladder> {
+/// The integral of the square root of the hazard, as a piecewise-linear
+/// function of the duration: `(duration, integral)` at each bin edge. Bins
+/// hold equal counts of the ascending `sorted` durations.
+fn root_hazard(sorted: &[f64]) -> Vec<(f64, f64)> {
+    let n = sorted.len();
+    let bins = (n / 4).clamp(1, HAZARD_BINS);
+    let mut curve = Vec::with_capacity(bins + 1);
+    let mut total = 0.0;
+    let mut lo = 0;
+    curve.push((sorted[0], 0.0));
+    for b in 1..=bins {
+        let hi = if b == bins { n - 1 } else { b * n / bins };
+        let width = sorted[hi] - sorted[lo];
+        let ended = (hi - lo).max(1) as f64;
+        let at_risk = (n - lo) as f64;
+        // sqrt(hazard) x width, with hazard = ended / (width x at risk).
+        if width > 0.0 {
+            total += (ended * width / at_risk).sqrt();
+        }
+        curve.push((sorted[hi], total));
+        lo = hi;
+    }
+    curve
+}
+
+/// `k` rungs at even steps of the root-hazard integral.
+fn root_hazard_rungs(curve: &[(f64, f64)], k: usize) -> Vec<f64> {
+    let total = curve.last().map_or(0.0, |c| c.1);
+    let last = curve.last().map_or(0.0, |c| c.0);
+    if total <= 0.0 {
+        return vec![last * PAST];
+    }
+    let mut times = Vec::with_capacity(k);
+    let mut i = 1;
+    for j in 1..=k {
+        let g = total * j as f64 / k as f64;
+        while i < curve.len() - 1 && curve[i].1 < g {
+            i += 1;
+        }
+        let ((x0, g0), (x1, g1)) = (curve[i - 1], curve[i]);
+        let x = if g1 > g0 {
+            x0 + (x1 - x0) * ((g - g0) / (g1 - g0)).clamp(0.0, 1.0)
+        } else {
+            x1
+        };
+        times.push(x * PAST);
+    }
+    times
+}
+
+/// The best ladder for `points` of (duration in ladder units, seconds per
+/// unit), rungs at least `gap` units apart (see the module documentation).
+fn choose(points: &[(f64, f64)], limits: Limits, gap: f64) -> Option<Ladder> {
     if points.is_empty() {
         return None;
     }
     let mut sorted: Vec<f64> = points.iter().map(|p| p.0).collect();
     sorted.sort_by(f64::total_cmp);
     let mean_secs = points.iter().map(|(x, s)| x * s).sum::<f64>() / points.len() as f64;
+    let requests = limits.requests_per_sec * PLANNED_SHARE;
     let throughput = |l: &Ladder| -> f64 {
-        let by_requests = limits.requests_per_sec / (1.0 + l.polls);
+        let by_requests = requests / (1.0 + l.polls);
         let by_slots = limits.slots / (mean_secs + l.delay).max(1e-9);
         by_requests.min(by_slots)
+    };
+    // Without a backlog, the polls of the tasks in flight must fit the budget.
+    let affordable = |l: &Ladder| -> bool {
+        limits.in_flight * l.polls / (mean_secs + l.delay).max(1e-9) <= requests
     };
     let better = |a: &Ladder, b: &Ladder| -> bool {
         if limits.backlog {
@@ -325,41 +438,44 @@ fn choose(points: &[(f64, f64)], limits: Limits) -> Option<Ladder> {
             }
             a.delay < b.delay
         } else {
-            if (a.delay - b.delay).abs() > 1e-9 {
+            match (affordable(a), affordable(b)) {
+                (true, false) => return true,
+                (false, true) => return false,
+                // Neither fits: the cheapest.
+                (false, false) => return a.polls < b.polls,
+                (true, true) => {}
+            }
+            // Within a hundredth of the mean task time the cheaper one wins.
+            if (a.delay - b.delay).abs() > 0.01 * mean_secs {
                 return a.delay < b.delay;
             }
             a.polls < b.polls
         }
     };
-    let mut best: Option<Ladder> = None;
-    for rungs in 1..=MAX_RUNGS {
-        for first in FIRST_RUNGS {
-            if rungs == 1 && first < 1.0 {
-                continue;
-            }
-            let mut times: Vec<f64> = (0..rungs)
+    let curve = root_hazard(&sorted);
+    let hazard = HAZARD_RUNGS.iter().map(|&k| root_hazard_rungs(&curve, k));
+    let quantile_ladders = (2..=MAX_RUNGS).flat_map(|rungs| {
+        let sorted = &sorted;
+        FIRST_RUNGS.map(move |first| {
+            (0..rungs)
                 .map(|i| {
-                    let q = if rungs == 1 {
-                        1.0
-                    } else {
-                        first + (1.0 - first) * i as f64 / (rungs - 1) as f64
-                    };
-                    quantile(&sorted, q) * PAST
+                    let q = first + (1.0 - first) * i as f64 / (rungs - 1) as f64;
+                    quantile(sorted, q) * PAST
                 })
-                .collect();
-            spread_out(&mut times);
-            let (polls, delay) = replay(&times, points);
-            if polls > MAX_POLLS {
-                continue;
-            }
-            let candidate = Ladder {
-                times,
-                polls,
-                delay,
-            };
-            if best.as_ref().is_none_or(|b| better(&candidate, b)) {
-                best = Some(candidate);
-            }
+                .collect::<Vec<f64>>()
+        })
+    });
+    let mut best: Option<Ladder> = None;
+    for mut times in hazard.chain(quantile_ladders) {
+        spread_out(&mut times, gap);
+        let (polls, delay) = replay(&times, points);
+        let candidate = Ladder {
+            times,
+            polls,
+            delay,
+        };
+        if best.as_ref().is_none_or(|b| better(&candidate, b)) {
+            best = Some(candidate);
         }
     }
     best
@@ -378,12 +494,14 @@ mod tests {
         requests_per_sec: 1000.0,
         slots: 10.0,
         backlog: true,
+        in_flight: 10.0,
     };
     /// Slots plentiful, requests scarce.
     const REQUEST_BOUND: Limits = Limits {
         requests_per_sec: 1.0,
         slots: 1000.0,
         backlog: true,
+        in_flight: 1000.0,
     };
 
     fn secs(s: f64) -> Duration {
@@ -431,19 +549,43 @@ mod tests {
     }
 
     #[test]
-    fn scarce_slots_poll_densely_within_the_cap() {
+    fn spare_requests_buy_dense_polls_where_tasks_end() {
         let m = trained(SLOT_BOUND);
         let l = m.ladder().expect("trained");
-        assert!(l.polls <= MAX_POLLS && l.polls > 2.0, "{l:?}");
-        // Uniform 10..30 s at three polls: delay near a tenth of the range.
-        assert!(l.delay < 2.5, "{l:?}");
+        // Requests cost nothing here: polls as dense as poll_min allows
+        // (1 s), so a finished task is seen within about half a second.
+        assert!(l.polls > 5.0, "{l:?}");
+        assert!(l.delay < 0.8, "{l:?}");
+        // No poll before the shortest task could have ended (10 s).
         let first = age(&m, None);
-        assert!(first < 20.0, "{first}");
+        assert!((10.0..12.0).contains(&first), "{first}");
         // Found running at the first rung: the next one follows soon.
         let second = age(&m, Some(first + 0.1));
-        assert!(second - first < 6.0, "{first} {second}");
+        assert!(second - first < 3.0, "{first} {second}");
         // Outlived everything: back off by half the age.
         assert!((age(&m, Some(40.0)) - 60.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_budget_is_the_cap_on_polls() {
+        // 10 slots on 10..30 s tasks end about half a task a second; two
+        // requests a second leave room for a little over two polls a task.
+        let limits = Limits {
+            requests_per_sec: 2.0,
+            ..SLOT_BOUND
+        };
+        let m = trained(limits);
+        let l = m.ladder().expect("trained");
+        let mean = 20.0;
+        let tasks_per_sec = (limits.slots / (mean + l.delay)).min(2.0 * 0.85 / (1.0 + l.polls));
+        assert!(
+            tasks_per_sec * (1.0 + l.polls) <= 2.0 * 0.85 + 1e-9,
+            "over the budget: {l:?}"
+        );
+        assert!(l.polls > 1.5, "spare requests left unused: {l:?}");
+        let dense = trained(SLOT_BOUND);
+        let d = dense.ladder().expect("trained");
+        assert!(d.polls > l.polls && d.delay < l.delay, "{d:?} {l:?}");
     }
 
     #[test]
@@ -452,24 +594,46 @@ mod tests {
         let times = m.ladder().expect("trained").times.clone();
         assert!(times.len() >= 3, "{times:?}");
         // Polled (late) just past the second rung: the third is next.
-        let next = age(&m, Some(times[1] + 0.6));
-        assert!((next - times[2]).abs() < 1e-9, "{next} {times:?}");
+        let step = times[2] - times[1];
+        let from = times[1] + 0.25 * step;
+        let next = age(&m, Some(from));
+        // (At least poll_min after the last poll.)
+        assert!(
+            (next - times[2].max(from + 1.0)).abs() < 1e-9,
+            "{next} {times:?}"
+        );
+        // Polled nearer the third than the second: that counts as the third.
+        let next = age(&m, Some(times[1] + 0.75 * step));
+        assert!((next - times[3]).abs() < 1e-9, "{next} {times:?}");
         // Never polled: the first rung, even if that moment has passed (the
         // caller polls at once then).
         assert!((age(&m, None) - times[0]).abs() < 1e-9);
     }
 
     #[test]
-    fn without_backlog_delay_is_minimised() {
-        let idle = Limits {
+    fn without_backlog_the_tasks_in_flight_share_the_budget() {
+        let few = Limits {
             backlog: false,
+            in_flight: 2.0,
             ..REQUEST_BOUND
         };
+        let many = Limits {
+            in_flight: 1000.0,
+            ..few
+        };
         let busy = trained(REQUEST_BOUND);
-        let calm = trained(idle);
-        let (b, c) = (busy.ladder().expect("b"), calm.ladder().expect("c"));
+        let calm = trained(few);
+        let crowded = trained(many);
+        let (b, c, m) = (
+            busy.ladder().expect("b"),
+            calm.ladder().expect("c"),
+            crowded.ladder().expect("m"),
+        );
+        // Two tasks left and a request a second: poll them densely, within it.
         assert!(c.delay < b.delay && c.polls > b.polls, "{b:?} {c:?}");
-        assert!(c.polls <= MAX_POLLS);
+        assert!(2.0 * c.polls / (20.0 + c.delay) <= 0.85 + 1e-9, "{c:?}");
+        // A thousand in flight on the same budget: once, late.
+        assert!((m.polls - 1.0).abs() < 1e-9, "{m:?}");
     }
 
     #[test]
@@ -530,10 +694,10 @@ mod tests {
     #[test]
     fn rungs_are_spread_out_and_the_last_is_kept() {
         let mut t = vec![1.0, 1.05, 1.2, 1.3, 2.0, 2.1];
-        spread_out(&mut t);
+        spread_out(&mut t, 0.15);
         assert_eq!(t, vec![1.0, 1.2, 2.1]);
         let mut t = vec![1.0, 1.01];
-        spread_out(&mut t);
+        spread_out(&mut t, 0.15);
         assert_eq!(t, vec![1.01]);
     }
 
@@ -545,6 +709,20 @@ mod tests {
         // the following rung, not the moved one.
         let next = age(&m, Some(times[1] / 1.03));
         assert!((next - times[2]).abs() < 1e-9, "{next} {times:?}");
+    }
+
+    #[test]
+    fn a_restored_model_starts_at_once() {
+        let m = trained(SLOT_BOUND);
+        let mut again = model();
+        again.restore(&m.export(), 8);
+        assert!(again.refit(SLOT_BOUND, Instant::now()));
+        assert_eq!(again.ladder(), m.ladder());
+        // Too few samples to trust: the scouts teach it as before.
+        let mut few = model();
+        few.restore(&m.export()[..3], 8);
+        assert!(!few.refit(SLOT_BOUND, Instant::now()));
+        assert!(!few.is_trained());
     }
 
     #[test]

@@ -395,6 +395,17 @@ pub struct LedgerEntry {
     pub requests: u32,
 }
 
+/// How long one finished task took, as the poll model remembers it (kept
+/// across restarts so that polling starts at full pace).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct DurationSample {
+    /// Seconds from submission to the end, as the API measured it.
+    pub secs: f64,
+    /// Seconds of audio of the task, when probed.
+    #[serde(default)]
+    pub audio: Option<f64>,
+}
+
 /// Why the store could not do what was asked.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

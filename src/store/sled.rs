@@ -16,8 +16,8 @@ use sled::transaction::{ConflictableTransactionError, TransactionError, Transact
 use super::archive::Archive;
 use super::machine::Op;
 use super::{
-    AmbiguousTotals, BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, LedgerEntry, RowKey,
-    RowRecord, RowState, SCHEMA_VERSION, SpendTotals, StoreError, now_ms,
+    AmbiguousTotals, BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, DurationSample,
+    LedgerEntry, RowKey, RowRecord, RowState, SCHEMA_VERSION, SpendTotals, StoreError, now_ms,
 };
 use crate::manifest::{ManifestRow, ReadPosition};
 
@@ -26,6 +26,7 @@ const DB_DIR: &str = "db-v1";
 const KEY_SCHEMA: &[u8] = b"schema_version";
 const KEY_NEXT_SEQ: &[u8] = b"next_batch_seq";
 const KEY_LEDGER: &[u8] = b"request_ledger";
+const KEY_DURATIONS: &[u8] = b"task_durations";
 const KEY_SECRET: &[u8] = b"callback_secret";
 const KEY_SPEND: &[u8] = b"spend";
 /// Spend of runs against the built-in simulator: never counted as real.
@@ -917,6 +918,21 @@ impl Store {
             Some(v) => decode("request ledger", &v),
             None => Ok(Vec::new()),
         }
+    }
+
+    /// The durations the poll model last saved (none on a new state folder).
+    pub fn load_durations(&self) -> Result<Vec<DurationSample>, StoreError> {
+        match self.meta.get(KEY_DURATIONS).map_err(db_err)? {
+            Some(v) => decode("task durations", &v),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    pub fn save_durations(&self, samples: &[DurationSample]) -> Result<(), StoreError> {
+        self.meta
+            .insert(KEY_DURATIONS, encode(&samples)?)
+            .map(|_| ())
+            .map_err(db_err)
     }
 
     pub fn save_ledger(&self, entries: &[LedgerEntry]) -> Result<(), StoreError> {
