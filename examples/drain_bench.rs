@@ -1,14 +1,28 @@
-//! Issue #4: how fast the daemon drains a batch, and what it spends doing so.
+//! Issues #4 and #14: how fast the daemon drains a batch, and what it spends
+//! doing so.
 //!
 //! ```text
-//! cargo build --release
-//! cargo run --release --example drain_bench -- [TASKS] [RATE_PER_MIN] [CONCURRENCY] [TIME_FACTOR] [MODE]
+//! cargo build --release --bins --examples
+//! ./target/release/examples/drain_bench SHAPE [MODE]
+//! ./target/release/examples/drain_bench TASKS RATE_PER_MIN CONCURRENCY TIME_FACTOR [MODE]
 //! ```
 //!
-//! Defaults: 1000 tasks, 1200 requests/min, 50 concurrent, time factor 0.015
-//! (tasks of 5..20 s of audio then take about 0.75..9 s), mode `all` (the
-//! three below, one after the other, then a table of the three).
-//! MODE says what the daemon knows about when a task will end:
+//! SHAPE is one of (the simulator's task time is audio seconds (5..20) x
+//! uniform(10, 30) x TIME_FACTOR):
+//!
+//! - `concurrency`: slots bind, requests are plentiful (1500 tasks, 100
+//!   slots, 6000/min, factor 0.03: tasks of 1.5..18 s, mean 7.5 s);
+//! - `requests`: requests bind (1000 tasks, 1000 slots, 600/min, factor
+//!   0.015);
+//! - `balanced`: both bind at once (1000 tasks, 50 slots, 1200/min, factor
+//!   0.015);
+//! - `realistic`: the API's real limits, 1000 slots and 10000/min, on tasks
+//!   scaled to a mean of a minute (factor 0.24: 12..144 s), 10000 tasks
+//!   (about 12 minutes);
+//! - `all`: the first three, each in every mode, then a table.
+//!
+//! MODE says what the daemon knows about when a task will end (default
+//! `all`: the three in turn):
 //!
 //! - `poll`: nothing; it polls on durations learned from finished tasks;
 //! - `probe`: `--probe`: it reads each row's audio length before submitting
@@ -17,32 +31,30 @@
 //! - `callback`: `--callback-url` pointing at its own listener: the simulator
 //!   calls back when a task ends, and the daemon confirms with one status query.
 //!
-//! Starts the built-in
-//! simulator in this process with the same limits, runs the real release
-//! binary (`target/release/infinitetalk-batch run`) against it as a child,
-//! waits for `results.csv`, and prints:
+//! Starts the built-in simulator in this process with the same limits, runs
+//! the real release binary (`target/release/infinitetalk-batch run`) against
+//! it as a child, waits for `results.csv`, and prints:
 //!
 //! - drain time (from the batch's acceptance to its `results.csv`, as the
-//!   store records them; the wall time from the daemon's start, which adds
-//!   its start-up and the inbox's settle time, is printed beside it) against
-//!   the lower bound
-//!   max(total task time / concurrency, 2 x tasks / rate);
-//! - status polls per task (simulator's `status_requests` / tasks);
-//! - the median and 90th percentile delay between a task finishing and the
-//!   daemon noticing it (from the store: seen-finished − submitted − costTime);
-//! - 429s counted by the simulator;
-//! - the polling floor: the least mean detection delay a ladder within the
-//!   daemon's cap of polls a task (`schedule::MAX_POLLS`) could reach on
-//!   these very durations (the daemon's own chooser, told every duration
-//!   afterwards);
-//! - the daemon's CPU time (user + system, /proc/PID/stat) per 1000 API
-//!   requests, and its peak RSS.
+//!   store records them) against the lower bound max(total task time /
+//!   concurrency, longest task, 2 x tasks / rate), and against the *floor*:
+//!   the makespan of the same tasks, in the same order, under a schedule
+//!   that sees every task end the moment it ends (an oracle for detection,
+//!   not for durations), submitting at most `rate / 2` tasks a second (one
+//!   submit and one status query each). No schedule that does not know
+//!   durations in advance beats the floor in manifest order; the gap
+//!   between the floor and the bound is the tail: the last tasks ending one
+//!   by one while slots idle;
+//! - status polls per task, the median and 99th percentile delay between a
+//!   task finishing and the daemon noticing it (from the store:
+//!   seen-finished - submitted - costTime), 429s counted by the simulator;
+//! - the daemon's CPU time (user + system, /proc/PID/stat) per API request,
+//!   and its peak RSS.
 //!
-//! The daemon's poll bounds are its defaults (`--poll-min 2s`,
-//! `--poll-max 30m`) scaled by the time factor, as the simulator's durations
-//! are: the run is the real schedule, sped up. Extra daemon flags can be given
-//! in `DRAIN_BENCH_ARGS` (space-separated), e.g.
-//! `DRAIN_BENCH_ARGS="--poll-min 2s"` for the unscaled lower bound.
+//! The daemon's poll bounds are its defaults (`--poll-min 2s`, `--poll-max
+//! 30m`) scaled by the time factor, as the simulator's durations are: the
+//! run is the real schedule, sped up. Extra daemon flags can be given in
+//! `DRAIN_BENCH_ARGS` (space-separated).
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
@@ -50,7 +62,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use infinitetalk_batch::dispatch::schedule::{self, Ladder, Limits, PollModel};
 use infinitetalk_batch::simulator::{self, SimArgs};
 use infinitetalk_batch::store::{RowState, Store};
 use tokio_util::sync::CancellationToken;
@@ -72,66 +83,135 @@ where
 
 /// The headline figures of one run.
 struct Summary {
+    shape: String,
     mode: String,
     drain: f64,
     bound: f64,
+    floor: f64,
     polls_per_task: f64,
     median_delay: f64,
+    p99_delay: f64,
     rejected_429: u64,
+    cpu_ms_per_request: f64,
+    peak_rss_mb: f64,
 }
+
+/// What one drain is run with.
+#[derive(Clone, Copy)]
+struct Shape {
+    name: &'static str,
+    tasks: usize,
+    rate: u32,
+    concurrency: u32,
+    time_factor: f64,
+}
+
+const SHAPES: [Shape; 4] = [
+    Shape {
+        name: "concurrency",
+        tasks: 1500,
+        rate: 6000,
+        concurrency: 100,
+        time_factor: 0.03,
+    },
+    Shape {
+        name: "requests",
+        tasks: 1000,
+        rate: 600,
+        concurrency: 1000,
+        time_factor: 0.015,
+    },
+    Shape {
+        name: "balanced",
+        tasks: 1000,
+        rate: 1200,
+        concurrency: 50,
+        time_factor: 0.015,
+    },
+    Shape {
+        name: "realistic",
+        tasks: 10_000,
+        rate: 10_000,
+        concurrency: 1000,
+        time_factor: 0.24,
+    },
+];
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> Result<(), BoxError> {
-    let tasks: usize = arg(1, 1000)?;
-    let rate: u32 = arg(2, 1200)?;
-    let concurrency: u32 = arg(3, 50)?;
-    let time_factor: f64 = arg(4, 0.015)?;
-    let mode: String = arg(5, "all".to_owned())?;
+    let first: String = arg(1, "all".to_owned())?;
+    let (shapes, mode_arg) = if first.chars().next().is_some_and(|c| c.is_ascii_digit()) {
+        let shape = Shape {
+            name: "custom",
+            tasks: arg(1, 1000)?,
+            rate: arg(2, 1200)?,
+            concurrency: arg(3, 50)?,
+            time_factor: arg(4, 0.015)?,
+        };
+        (vec![shape], 5)
+    } else if first == "all" {
+        (SHAPES[..3].to_vec(), 2)
+    } else {
+        let shape = SHAPES
+            .iter()
+            .find(|s| s.name == first)
+            .copied()
+            .ok_or_else(|| format!("argument 1: shape {first:?}: use concurrency, requests, balanced, realistic, all or numbers"))?;
+        (vec![shape], 2)
+    };
+    let mode: String = arg(mode_arg, "all".to_owned())?;
     let modes: Vec<&str> = match mode.as_str() {
         "all" => vec!["poll", "probe", "callback"],
         m @ ("poll" | "probe" | "callback") => vec![m],
         other => {
-            return Err(
-                format!("argument 5: mode {other:?}: use poll, probe, callback or all").into(),
-            );
+            return Err(format!(
+                "argument {mode_arg}: mode {other:?}: use poll, probe, callback or all"
+            )
+            .into());
         }
     };
     let bin = binary()?;
     let mut summaries = Vec::new();
-    for mode in modes {
-        summaries.push(run(&bin, tasks, rate, concurrency, time_factor, mode).await?);
-        println!();
-    }
-    if summaries.len() > 1 {
-        println!(
-            "summary ({tasks} tasks, {rate} requests/min, {concurrency} concurrent, time factor {time_factor}):"
-        );
-        println!("mode      drain (s)  bound (s)  ratio  polls/task  median delay (s)  429s");
-        for s in &summaries {
-            println!(
-                "{:<9} {:>9.1}  {:>9.1}  {:>5.3}  {:>10.2}  {:>16.2}  {:>4}",
-                s.mode,
-                s.drain,
-                s.bound,
-                s.drain / s.bound,
-                s.polls_per_task,
-                s.median_delay,
-                s.rejected_429
-            );
+    for shape in &shapes {
+        for mode in &modes {
+            summaries.push(run(&bin, *shape, mode).await?);
+            println!();
         }
+    }
+    println!("summary:");
+    println!(
+        "shape        mode      drain (s)  bound (s)  floor (s)  /bound  /floor  polls/task  delay p50 (s)  p99 (s)  429s  CPU-ms/req  peak RSS (MB)"
+    );
+    for s in &summaries {
+        println!(
+            "{:<12} {:<9} {:>9.1}  {:>9.1}  {:>9.1}  {:>6.3}  {:>6.3}  {:>10.2}  {:>13.2}  {:>7.2}  {:>4}  {:>10.3}  {:>13.1}",
+            s.shape,
+            s.mode,
+            s.drain,
+            s.bound,
+            s.floor,
+            s.drain / s.bound,
+            s.drain / s.floor,
+            s.polls_per_task,
+            s.median_delay,
+            s.p99_delay,
+            s.rejected_429,
+            s.cpu_ms_per_request,
+            s.peak_rss_mb,
+        );
     }
     Ok(())
 }
 
 /// One drain of `tasks` rows by the daemon in `mode`, printed and summed up.
-async fn run(
-    bin: &Path,
-    tasks: usize,
-    rate: u32,
-    concurrency: u32,
-    time_factor: f64,
-    mode: &str,
-) -> Result<Summary, BoxError> {
+async fn run(bin: &Path, shape: Shape, mode: &str) -> Result<Summary, BoxError> {
+    let Shape {
+        tasks,
+        rate,
+        concurrency,
+        time_factor,
+        ..
+    } = shape;
     let stop = CancellationToken::new();
     let sim = simulator::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -208,12 +288,12 @@ async fn run(
     let pid = child.id();
 
     let results = outbox.join("drain").join("results.csv");
-    // Bounded: at most 30 minutes.
-    let deadline = started + Duration::from_secs(1800);
+    // Bounded: at most an hour.
+    let deadline = started + Duration::from_secs(3600);
     while !results.exists() {
         if Instant::now() > deadline {
             let _ = child.kill();
-            return Err("the batch did not drain within 30 minutes".into());
+            return Err("the batch did not drain within an hour".into());
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(
@@ -249,20 +329,31 @@ async fn run(
         .saturating_sub(batch.created_at_ms) as f64
         / 1000.0;
     let mut delays = Vec::new();
-    let mut durations = Vec::new();
+    // (submitted at, task time), for the floor.
+    let mut submitted = Vec::new();
     let mut total_task_ms = 0u64;
+    let mut longest_ms = 0u64;
     let mut done = 0;
-    for (row, r) in store.batch_rows(batch.seq)? {
+    for (_, r) in store.batch_rows(batch.seq)? {
         if r.state == RowState::Done {
             done += 1;
         }
         if let (Some(s), Some(f), Some(c)) = (r.submitted_at_ms, r.finished_at_ms, r.cost_time_ms) {
             total_task_ms += c;
+            longest_ms = longest_ms.max(c);
             delays.push(f.saturating_sub(s).saturating_sub(c) as f64 / 1000.0);
-            // Row n of the manifest is d{n-1}, on 5 + (n-1) % 16 s of audio.
-            durations.push((c, 5.0 + ((row - 1) % 16) as f64));
+            submitted.push((s, c));
         }
     }
+    submitted.sort_unstable();
+    let last_submit = submitted.last().map_or(0, |s| s.0);
+    let tail = batch
+        .finished_at_ms
+        .unwrap_or(last_submit)
+        .saturating_sub(last_submit) as f64
+        / 1000.0;
+    let order: Vec<f64> = submitted.iter().map(|s| s.1 as f64 / 1000.0).collect();
+    let floor = floor_makespan(&order, concurrency as usize, f64::from(rate) / 60.0 / 2.0);
     delays.sort_by(f64::total_cmp);
     let pct = |q: f64| -> f64 {
         if delays.is_empty() {
@@ -274,27 +365,34 @@ async fn run(
     let n = tasks as f64;
     let by_concurrency = total_task_ms as f64 / 1000.0 / f64::from(concurrency);
     let by_rate = 2.0 * n / (f64::from(rate) / 60.0);
-    let bound = by_concurrency.max(by_rate);
+    let longest = longest_ms as f64 / 1000.0;
+    let bound = by_concurrency.max(by_rate).max(longest);
     let requests = stats.submit_requests + stats.status_requests;
     println!(
         "parameters: {tasks} tasks, {rate} requests/min, {concurrency} concurrent, time factor {time_factor}, mode {mode}, daemon flags [{extra}]"
     );
     println!("rows done: {done} of {}", batch.total_rows);
     println!(
-        "drain time: {drain:.1} s (batch accepted -> results.csv written; {wall:.1} s from daemon start); lower bound {bound:.1} s (total task time / concurrency = {by_concurrency:.1} s, 2N / rate = {by_rate:.1} s); ratio {:.3} (target <= 1.10)",
+        "drain time: {drain:.1} s (batch accepted -> results.csv written; {wall:.1} s from daemon start); lower bound {bound:.1} s (total task time / concurrency = {by_concurrency:.1} s, longest task {longest:.1} s, 2N / rate = {by_rate:.1} s); ratio {:.3}",
         drain / bound
     );
     println!(
-        "status polls per task: {:.2} ({} status requests, {} submits, {} tasks created; target <= 3)",
+        "floor (same tasks, same order, every end seen at once, rate/2 tasks a second): {floor:.1} s; drain / floor {:.3}; tail (last submit -> results.csv) {tail:.1} s = {:.1}% of the drain",
+        drain / floor,
+        100.0 * tail / drain
+    );
+    println!(
+        "status polls per task: {:.2} ({} status requests, {} submits, {} tasks created)",
         stats.status_requests as f64 / stats.tasks_created.max(1) as f64,
         stats.status_requests,
         stats.submit_requests,
         stats.tasks_created
     );
     println!(
-        "detection delay: median {:.2} s, p90 {:.2} s, max {:.2} s over {} tasks",
+        "detection delay: median {:.2} s, p90 {:.2} s, p99 {:.2} s, max {:.2} s over {} tasks",
         pct(0.5),
         pct(0.9),
+        pct(0.99),
         pct(1.0),
         delays.len()
     );
@@ -314,7 +412,7 @@ async fn run(
     }
     match cpu {
         Some(cpu) => println!(
-            "daemon CPU: {cpu:.2} s user+system for {requests} API requests = {:.3} CPU-s per 1000 requests (includes {done} downloads and the ingest)",
+            "daemon CPU: {cpu:.2} s user+system for {requests} API requests = {:.3} CPU-ms per request (includes {done} downloads and the ingest)",
             cpu / requests.max(1) as f64 * 1000.0
         ),
         None => println!("daemon CPU: unknown (/proc/PID/stat unreadable)"),
@@ -322,52 +420,41 @@ async fn run(
     if let Some(mb) = rss {
         println!("daemon peak RSS: {mb:.1} MB");
     }
-    polling_floor(&durations, concurrency);
     Ok(Summary {
+        shape: shape.name.to_owned(),
         mode: mode.to_owned(),
         drain,
         bound,
+        floor,
+        p99_delay: pct(0.99),
+        cpu_ms_per_request: cpu.map_or(f64::NAN, |c| c / requests.max(1) as f64 * 1000.0),
+        peak_rss_mb: rss.unwrap_or(f64::NAN),
         polls_per_task: stats.status_requests as f64 / stats.tasks_created.max(1) as f64,
         median_delay: pct(0.5),
         rejected_429: stats.rejected_429,
     })
 }
 
-/// What polling alone could do for these very durations: the daemon's own
-/// ladder chooser, told every duration afterwards and asked for the least
-/// delay within its polls-per-task cap. Where concurrency is the bound, the
-/// drain ratio cannot beat 1 + delay / mean task time by polling.
-fn polling_floor(durations: &[(u64, f64)], concurrency: u32) {
-    if durations.is_empty() {
-        return;
+/// The makespan of tasks of `durations` (seconds), started in this order
+/// on `slots` slots, at most `per_sec` starts a second, each slot free again
+/// the moment its task ends: detection by an oracle, durations unknown.
+fn floor_makespan(durations: &[f64], slots: usize, per_sec: f64) -> f64 {
+    use std::cmp::Reverse;
+    use std::collections::BinaryHeap;
+    // Slot free times, in whole microseconds (a min-heap).
+    let mut free: BinaryHeap<Reverse<u64>> = (0..slots.max(1)).map(|_| Reverse(0)).collect();
+    let step = 1.0 / per_sec.max(1e-9);
+    let mut end = 0.0f64;
+    for (i, d) in durations.iter().enumerate() {
+        let Some(Reverse(slot)) = free.pop() else {
+            break;
+        };
+        let start = (slot as f64 / 1e6).max(i as f64 * step);
+        let done = start + d;
+        end = end.max(done);
+        free.push(Reverse((done * 1e6) as u64));
     }
-    let mut model = PollModel::new(Duration::from_millis(1), Duration::from_secs(3600));
-    for &(ms, audio) in durations {
-        model.observe(Duration::from_millis(ms), Some(audio));
-    }
-    model.start();
-    let limits = Limits {
-        requests_per_sec: f64::MAX,
-        slots: f64::from(concurrency),
-        backlog: false,
-    };
-    model.refit(limits, std::time::Instant::now());
-    let mean = durations.iter().map(|d| d.0 as f64).sum::<f64>() / durations.len() as f64 / 1000.0;
-    let show = |l: Option<&Ladder>| match l {
-        Some(l) => format!(
-            "{:.2} s ({:.1}% of the mean task time {mean:.2} s) at {:.2} polls",
-            l.delay,
-            100.0 * l.delay / mean,
-            l.polls
-        ),
-        None => "unknown".into(),
-    };
-    println!(
-        "polling floor for these durations (best ladder within {} polls a task, knowing every duration afterwards): mean detection delay {} without audio lengths, {} with them",
-        schedule::MAX_POLLS,
-        show(model.ladder()),
-        show(model.per_audio_ladder())
-    );
+    end
 }
 
 fn binary() -> Result<PathBuf, BoxError> {
