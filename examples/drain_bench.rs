@@ -58,15 +58,16 @@
 
 use std::fs;
 use std::net::{SocketAddr, TcpListener};
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use infinitetalk_batch::simulator::{self, SimArgs};
 use infinitetalk_batch::store::{RowState, Store};
 use tokio_util::sync::CancellationToken;
 
-type BoxError = Box<dyn std::error::Error>;
+mod bench_util;
+
+use bench_util::{BoxError, Dirs, binary, cpu_seconds, peak_rss_mb, spawn_daemon, terminate};
 
 fn arg<T: std::str::FromStr>(n: usize, default: T) -> Result<T, BoxError>
 where
@@ -226,11 +227,7 @@ async fn run(bin: &Path, shape: Shape, mode: &str) -> Result<Summary, BoxError> 
     )
     .await?;
 
-    let root = tempfile::tempdir()?;
-    let inbox = root.path().join("inbox");
-    let outbox = root.path().join("outbox");
-    let state = root.path().join("state");
-    fs::create_dir_all(&inbox)?;
+    let dirs = Dirs::new()?;
     let mut text = String::from("id,image_url,audio_url\n");
     for i in 0..tasks {
         text.push_str(&format!(
@@ -239,11 +236,10 @@ async fn run(bin: &Path, shape: Shape, mode: &str) -> Result<Summary, BoxError> 
             5 + i % 16
         ));
     }
-    fs::write(inbox.join(".drain.tmp"), text)?;
-    fs::rename(inbox.join(".drain.tmp"), inbox.join("drain.csv"))?;
+    dirs.drop_manifest("drain.csv", &text)?;
 
     let listen = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let log_path = root.path().join("daemon.log");
+    let log_path = dirs.log(0);
     let mut extra = std::env::var("DRAIN_BENCH_ARGS").unwrap_or_default();
     // The simulator runs time sped up by the factor: so does the daemon's
     // schedule, or its real-time poll bounds would distort it.
@@ -262,32 +258,17 @@ async fn run(bin: &Path, shape: Shape, mode: &str) -> Result<Summary, BoxError> 
     }
     let extra = extra.trim().to_owned();
     let started = Instant::now();
-    let mut child = Command::new(bin)
-        .arg("run")
-        .arg("--inbox")
-        .arg(&inbox)
-        .arg("--outbox")
-        .arg(&outbox)
-        .arg("--state")
-        .arg(&state)
-        .arg("--api-base")
-        .arg(sim.base_url())
-        .arg("--listen")
-        .arg(listen.to_string())
-        .arg("--max-concurrent")
-        .arg(concurrency.to_string())
-        .arg("--max-requests-per-minute")
-        .arg(rate.to_string())
-        .args(extra.split_whitespace())
-        .env("APIXO_API_KEY", "bench-key")
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::from(fs::File::create(&log_path)?))
-        .spawn()?;
+    let mut args: Vec<String> = vec![
+        "--max-concurrent".into(),
+        concurrency.to_string(),
+        "--max-requests-per-minute".into(),
+        rate.to_string(),
+    ];
+    args.extend(extra.split_whitespace().map(str::to_owned));
+    let mut child = spawn_daemon(bin, &dirs, &sim.base_url(), listen, &args, 0)?;
     let pid = child.id();
 
-    let results = outbox.join("drain").join("results.csv");
+    let results = dirs.outbox.join("drain").join("results.csv");
     // Bounded: at most an hour.
     let deadline = started + Duration::from_secs(3600);
     while !results.exists() {
@@ -308,16 +289,11 @@ async fn run(bin: &Path, shape: Shape, mode: &str) -> Result<Summary, BoxError> 
     let cpu = cpu_seconds(pid);
     let rss = peak_rss_mb(pid);
     let stats = sim.stats();
-    // Graceful stop.
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status();
-    let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+    let _ = tokio::task::spawn_blocking(move || terminate(&mut child)).await;
     stop.cancel();
 
     // Per-row timings from the store.
-    let store = Store::open(&state)?;
+    let store = Store::open(&dirs.state)?;
     let batch = store
         .batches()?
         .into_iter()
@@ -455,51 +431,4 @@ fn floor_makespan(durations: &[f64], slots: usize, per_sec: f64) -> f64 {
         free.push(Reverse((done * 1e6) as u64));
     }
     end
-}
-
-fn binary() -> Result<PathBuf, BoxError> {
-    let exe = std::env::current_exe()?;
-    // target/release/examples/drain_bench -> target/release/infinitetalk-batch
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("cannot locate the target folder")?;
-    let bin = dir.join("infinitetalk-batch");
-    if !bin.exists() {
-        return Err(format!(
-            "{} missing: run `cargo build --release` first",
-            bin.display()
-        )
-        .into());
-    }
-    Ok(bin)
-}
-
-/// User + system CPU seconds of a live process.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which may hold spaces) start after ") ".
-    let rest = stat.rsplit_once(") ")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 12 and 13 here.
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
-}
-
-fn peak_rss_mb(pid: u32) -> Option<f64> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024.0 / 1e6)
 }
