@@ -209,7 +209,15 @@ pub async fn serve(
             let router = listener::callback_router(engine.clone(), secret.clone());
             spawn_listener(&sup, "callback listener", router, socket, &front_stop);
         }
-        let router = listener::router(engine.clone(), registry, secret, &gate, callback_here);
+        let monitor = crate::console::Monitor::start(engine.clone(), requeued);
+        let router = listener::router(
+            engine.clone(),
+            registry,
+            secret,
+            &gate,
+            callback_here,
+            monitor,
+        );
         spawn_listener(&sup, "listener", router, listener, &front_stop);
     }
     {

@@ -16,6 +16,8 @@
 //! - [`download`]: fetching result videos into the outbox.
 //! - [`results`]: `results.csv` when a batch ends.
 //! - [`listener`]: `/status`, `/metrics` and callbacks over HTTP.
+//! - [`console`]: the browser console on `/` (pages, live updates, the
+//!   manifest drop).
 //! - [`admin`]: the admin token, the console link and the guards of the
 //!   listener's routes (token, cross-site refusal, `Host` check).
 //! - [`status`]: what `status` shows.
@@ -33,6 +35,7 @@ pub mod admin;
 mod api;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod daemon;
 pub mod dispatch;
 mod download;

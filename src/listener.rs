@@ -46,8 +46,10 @@ pub(crate) fn router(
     secret: String,
     gate: &Gate,
     callback_here: bool,
+    monitor: Arc<crate::console::Monitor>,
 ) -> Router {
     let changing = gate.changing(crate::manage::routes(engine.clone()));
+    let console = crate::console::routes(engine.clone(), monitor, gate);
     let app = App {
         engine,
         registry: Arc::new(registry),
@@ -66,6 +68,7 @@ pub(crate) fn router(
     }
     let router = Router::new()
         .merge(changing)
+        .merge(console)
         .merge(reading)
         .merge(open.with_state(app))
         .merge(gate.routes());

@@ -169,6 +169,167 @@ impl Archive {
     }
 }
 
+/// What the console needs of one archived line, read without building the
+/// whole record.
+#[derive(Deserialize)]
+struct PeekLine {
+    row: u64,
+    record: PeekRecord,
+}
+
+#[derive(Deserialize)]
+struct PeekRecord {
+    state: super::RowState,
+    #[serde(default)]
+    fail_code: Option<String>,
+}
+
+/// Most distinct fail codes told apart in one batch's index; the rest share
+/// the last slot (the set of codes is open, the index must stay bounded).
+const MAX_CODES: usize = 1024;
+
+/// Where the last record of each row of one batch's archive starts, with
+/// its state and fail code, kept up to date by reading only what was
+/// appended since the last look (the file only grows). Twelve bytes a row.
+#[derive(Debug, Default)]
+pub(crate) struct ArchiveIndex {
+    /// Bytes of the file indexed so far (whole lines only).
+    scanned: u64,
+    /// Per row (row 1 first): offset + 1 of its last record, 0 for none.
+    offsets: Vec<u64>,
+    /// Per row: state tag in the high 16 bits, fail code slot + 1 below.
+    marks: Vec<u32>,
+    codes: Vec<String>,
+}
+
+impl ArchiveIndex {
+    /// Reads the records appended to batch `seq`'s archive since the last
+    /// call. Rows outside `1..=total_rows` are ignored.
+    pub(crate) fn refresh(
+        &mut self,
+        archive: &Archive,
+        seq: BatchSeq,
+        total_rows: u64,
+    ) -> Result<(), StoreError> {
+        let len = usize::try_from(total_rows).unwrap_or(usize::MAX);
+        if self.offsets.len() != len {
+            self.offsets.resize(len, 0);
+            self.marks.resize(len, 0);
+        }
+        let path = archive.path(seq);
+        let err = io_err(&path);
+        let file = match File::open(&path) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(err(e)),
+        };
+        let mut reader = BufReader::with_capacity(256 * 1024, file);
+        reader.seek(SeekFrom::Start(self.scanned)).map_err(&err)?;
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line).map_err(&err)?;
+            if n == 0 || line.last() != Some(&b'\n') {
+                return Ok(());
+            }
+            let offset = self.scanned;
+            let peek: PeekLine =
+                serde_json::from_slice(&line).map_err(|e| StoreError::Corrupt {
+                    what: "archived row",
+                    message: format!("{} at byte {offset}: {e}", path.display()),
+                })?;
+            if let Some(i) = peek
+                .row
+                .checked_sub(1)
+                .and_then(|i| usize::try_from(i).ok())
+                .filter(|i| *i < len)
+            {
+                let code = match peek.record.fail_code {
+                    Some(c) => self.code_slot(c) + 1,
+                    None => 0,
+                };
+                self.offsets[i] = offset + 1;
+                self.marks[i] = (u32::from(peek.record.state.tag()) << 16) | code;
+            }
+            self.scanned += n as u64;
+        }
+    }
+
+    fn code_slot(&mut self, code: String) -> u32 {
+        if let Some(i) = self.codes.iter().position(|c| *c == code) {
+            return i as u32;
+        }
+        if self.codes.len() < MAX_CODES {
+            self.codes.push(code);
+        }
+        (self.codes.len() - 1) as u32
+    }
+
+    /// The offset of row `row`'s last record, if it has one.
+    pub(crate) fn offset(&self, row: u64) -> Option<u64> {
+        let i = usize::try_from(row.checked_sub(1)?).ok()?;
+        self.offsets.get(i).and_then(|o| o.checked_sub(1))
+    }
+
+    /// Row `row`'s archived state tag and fail code.
+    pub(crate) fn mark(&self, row: u64) -> Option<(u8, Option<&str>)> {
+        self.offset(row)?;
+        let m = self.marks[usize::try_from(row - 1).ok()?];
+        let code = (m & 0xFFFF)
+            .checked_sub(1)
+            .and_then(|c| self.codes.get(c as usize))
+            .map(String::as_str);
+        Some(((m >> 16) as u8, code))
+    }
+
+    /// Rows after `after` that have a record, in row order, for which
+    /// `take(row, state tag, fail code)` says yes, at most `limit`.
+    pub(crate) fn rows_after(
+        &self,
+        after: u64,
+        limit: usize,
+        mut take: impl FnMut(u64, u8, Option<&str>) -> bool,
+    ) -> Vec<(u64, u64)> {
+        let start = usize::try_from(after).unwrap_or(usize::MAX);
+        let mut out = Vec::new();
+        for i in start..self.offsets.len() {
+            if out.len() >= limit {
+                break;
+            }
+            let Some(offset) = self.offsets[i].checked_sub(1) else {
+                continue;
+            };
+            let row = i as u64 + 1;
+            if let Some((state, code)) = self.mark(row)
+                && take(row, state, code)
+            {
+                out.push((row, offset));
+            }
+        }
+        out
+    }
+
+    /// Rows with a record, by state tag and fail code.
+    pub(crate) fn tally(&self) -> Vec<(u8, Option<&str>, u64)> {
+        let mut counts: std::collections::BTreeMap<u32, u64> = Default::default();
+        for (o, m) in self.offsets.iter().zip(&self.marks) {
+            if *o != 0 {
+                *counts.entry(*m).or_default() += 1;
+            }
+        }
+        counts
+            .into_iter()
+            .map(|(m, n)| {
+                let code = (m & 0xFFFF)
+                    .checked_sub(1)
+                    .and_then(|c| self.codes.get(c as usize))
+                    .map(String::as_str);
+                ((m >> 16) as u8, code, n)
+            })
+            .collect()
+    }
+}
+
 /// Random access to records by the offsets of [`Archive::index`].
 pub(crate) struct ArchiveReader {
     reader: BufReader<File>,

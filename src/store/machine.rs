@@ -201,7 +201,11 @@ impl Op {
                 r.files.retain(|f| f.name != name);
                 r.files.push(super::OutputFile { name, task_id });
             }
-            Op::Downloaded { outputs } => r.outputs = outputs,
+            Op::Downloaded { outputs } => {
+                r.outputs = outputs;
+                // For the console's timeline; nothing decides on it.
+                r.downloaded_at_ms = Some(super::now_ms());
+            }
             Op::Cancel { msg } => {
                 r.fail_code = Some(super::CANCELLED.into());
                 r.fail_msg = Some(msg);
@@ -214,6 +218,7 @@ impl Op {
                 r.ambiguous_submits = 0;
                 r.submitted_at_ms = None;
                 r.finished_at_ms = None;
+                r.downloaded_at_ms = None;
                 r.cost_time_ms = None;
                 r.result_urls.clear();
                 r.outputs.clear();

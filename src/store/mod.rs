@@ -26,6 +26,7 @@
 mod archive;
 pub mod machine;
 mod sled;
+mod view;
 
 pub use self::machine::{Op, TRANSITIONS};
 
@@ -37,6 +38,7 @@ use crate::manifest::ReadPosition;
 use crate::spec::RowSpec;
 
 pub use self::sled::Store;
+pub use self::view::RowFilter;
 
 /// Fail code of rows a `cancel` ended.
 pub const CANCELLED: &str = "CANCELLED";
@@ -136,6 +138,10 @@ pub struct RowRecord {
     /// Unix milliseconds when the task was seen finished.
     #[serde(default)]
     pub finished_at_ms: Option<u64>,
+    /// Unix milliseconds when its videos were all in place (shown in the
+    /// console's timeline only).
+    #[serde(default)]
+    pub downloaded_at_ms: Option<u64>,
     /// Processing time the API reported, in milliseconds.
     #[serde(default)]
     pub cost_time_ms: Option<u64>,
@@ -182,6 +188,7 @@ impl RowRecord {
             resubmits: 0,
             submitted_at_ms: None,
             finished_at_ms: None,
+            downloaded_at_ms: None,
             cost_time_ms: None,
             result_urls: Vec::new(),
             outputs: Vec::new(),

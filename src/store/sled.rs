@@ -52,6 +52,8 @@ pub struct Store {
     retiring: Arc<Mutex<()>>,
     /// Spend goes to the simulated account (`run --simulate`).
     simulated_spend: Arc<std::sync::atomic::AtomicBool>,
+    /// The console's indexes of archived rows (memory only).
+    views: Arc<super::view::Views>,
 }
 
 impl std::fmt::Debug for Store {
@@ -215,6 +217,7 @@ impl Store {
             active: Arc::default(),
             retiring: Arc::default(),
             simulated_spend: Arc::default(),
+            views: Arc::default(),
             db,
         };
         let expected = migrate_from.unwrap_or(SCHEMA_VERSION);
@@ -360,6 +363,19 @@ impl Store {
                 Ok(Begin::Started(record))
             });
         result.map_err(tx_err)
+    }
+
+    /// The batch that was accepted with these bytes (its manifest's SHA-256),
+    /// if any: a manifest identical to it would be refused.
+    pub fn batch_with_hash(&self, sha256: &str) -> Result<Option<String>, StoreError> {
+        let Some(seq) = self.hashes.get(sha256.as_bytes()).map_err(db_err)? else {
+            return Ok(None);
+        };
+        let seq: [u8; 8] = seq.as_ref().try_into().map_err(|_| StoreError::Corrupt {
+            what: "hash index",
+            message: "bad batch number".into(),
+        })?;
+        Ok(Some(self.batch(u64::from_be_bytes(seq))?.name))
     }
 
     /// Forgets a batch whose ingest did not complete, so its file can be
@@ -604,6 +620,69 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// Live rows of batch `seq` after row `after` (in `state` when given), in
+    /// row order, at most `limit`: a range scan, never the whole batch.
+    pub(super) fn live_after(
+        &self,
+        seq: BatchSeq,
+        state: Option<RowState>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, RowRecord)>, StoreError> {
+        let from = RowKey {
+            batch: seq,
+            row: after.saturating_add(1),
+        };
+        let to = RowKey {
+            batch: seq,
+            row: u64::MAX,
+        };
+        let mut out = Vec::new();
+        match state {
+            None => {
+                for item in self.rows.range(row_key(from)..=row_key(to)) {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, v) = item.map_err(db_err)?;
+                    out.push((parse_row_key(&k)?.row, decode("row", &v)?));
+                }
+            }
+            Some(state) => {
+                for item in self
+                    .index
+                    .range(index_key(state, from)..=index_key(state, to))
+                {
+                    if out.len() >= limit {
+                        break;
+                    }
+                    let (k, _) = item.map_err(db_err)?;
+                    let key = parse_row_key(k.get(1..).unwrap_or_default())?;
+                    // Changed since the index was read: it shows elsewhere.
+                    if let Some(record) = self.live_row(key)?
+                        && record.state == state
+                    {
+                        out.push((key.row, record));
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether row `key` is live in the database.
+    pub(super) fn is_live(&self, key: RowKey) -> Result<bool, StoreError> {
+        self.rows.contains_key(row_key(key)).map_err(db_err)
+    }
+
+    pub(super) fn archive(&self) -> &Archive {
+        &self.archive
+    }
+
+    pub(super) fn views(&self) -> &super::view::Views {
+        &self.views
     }
 
     /// How many rows are live in the database (claimed and not yet archived).
