@@ -49,7 +49,7 @@ pub(crate) struct BatchView {
     pub cost_usd: f64,
     /// Every row at the least it costs.
     pub estimate_usd: f64,
-    /// Seconds until its last row ends at the current pace and its share.
+    /// Seconds until its last row ends (the status model's estimate).
     pub eta_secs: Option<u64>,
 }
 
@@ -388,45 +388,29 @@ fn overview(
         .iter()
         .map(|b| b.total_rows.saturating_sub(b.counts.done + b.counts.failed))
         .sum();
-    let eta = |rows: u64, share: f64| {
-        (rows > 0 && rate_per_min > 0.0 && share > 0.0)
-            .then(|| (rows as f64 / (rate_per_min * share) * 60.0).round() as u64)
-    };
-    // Shares of submission, as the feed weighs them (paused batches get none).
-    let weights: u64 = active
-        .iter()
-        .filter(|b| !b.paused && !b.cancelled && b.queued() > 0)
-        .map(|b| b.priority.weight() as u64)
-        .sum();
+    // The estimates are the status model's (`status`, `/status`).
+    let report = crate::listener::live_report(engine);
     let per_row = engine.settings.defaults.resolution.cost_usd(0.0);
     let batches = records
         .iter()
         .rev()
         .map(|b| {
-            let left = b.total_rows.saturating_sub(b.counts.done + b.counts.failed);
-            let share = if b.queued() == 0 || weights == 0 {
-                // Only its tasks in flight are left: they end at the pace seen.
-                1.0
-            } else if b.paused || b.cancelled {
-                0.0
-            } else {
-                b.priority.weight() as f64 / weights as f64
-            };
+            let status = report
+                .batches
+                .iter()
+                .find(|s| s.seq == b.seq)
+                .cloned()
+                .unwrap_or_else(|| BatchStatus::from(b));
             BatchView {
-                status: BatchStatus::from(b),
+                eta_secs: status.eta_seconds,
+                status,
                 created_at_ms: b.created_at_ms,
                 simulated: b.simulated,
                 cost_usd: b.total_rows.saturating_sub(b.queued()) as f64 * per_row,
                 estimate_usd: b.total_rows as f64 * per_row,
-                eta_secs: if b.phase == BatchPhase::Active {
-                    eta(left, share)
-                } else {
-                    None
-                },
             }
         })
         .collect();
-    let report = crate::listener::live_report(engine);
     Overview {
         paused,
         simulated: engine.settings.simulate,
@@ -438,7 +422,7 @@ fn overview(
         throughput,
         rate_per_min,
         remaining,
-        eta_secs: eta(remaining, 1.0),
+        eta_secs: report.eta_seconds,
         batches,
     }
 }

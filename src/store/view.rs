@@ -259,8 +259,14 @@ mod tests {
         }
         // Rows 1..=6 go to the archive; 7..=10 stay live (submitting).
         assert_eq!(store.retire(usize::MAX).expect("retire"), 6);
-        assert_eq!(store.row_record(seq, 2).expect("read").expect("row").id, "r2");
-        assert!(store.row_record(seq, 15).expect("read").is_none(), "never claimed");
+        assert_eq!(
+            store.row_record(seq, 2).expect("read").expect("row").id,
+            "r2"
+        );
+        assert!(
+            store.row_record(seq, 15).expect("read").is_none(),
+            "never claimed"
+        );
         let codes = store.fail_codes(seq).expect("codes");
         assert_eq!(codes.get("A"), Some(&3));
         assert_eq!(codes.get("B"), Some(&3));
@@ -287,7 +293,10 @@ mod tests {
         assert_eq!(rows(&state(RowState::Failed), 0, 50), [1, 3, 5]);
         assert_eq!(rows(&state(RowState::Queued), 0, 50), [2, 4, 6]);
         assert_eq!(rows(&state(RowState::Submitting), 7, 2), [8, 9]);
-        assert_eq!(rows(&RowFilter::default(), 0, 50), (1..=10).collect::<Vec<_>>());
+        assert_eq!(
+            rows(&RowFilter::default(), 0, 50),
+            (1..=10).collect::<Vec<_>>()
+        );
         assert_eq!(rows(&RowFilter::default(), 4, 3), [5, 6, 7]);
         let b_only = RowFilter {
             state: None,
