@@ -23,10 +23,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => 1_000_000,
     };
     let root = tempfile::tempdir()?;
-    let folders = Folders {
-        inbox: root.path().join("inbox"),
-        outbox: root.path().join("outbox"),
-    };
+    let folders = Folders::new(root.path().join("inbox"), root.path().join("outbox"));
     let state = root.path().join("state");
     std::fs::create_dir_all(&folders.inbox)?;
     let file = folders.inbox.join("million.csv");

@@ -156,6 +156,14 @@ pub struct RunArgs {
     /// Public URL of this daemon's listener root; enables callback mode.
     #[arg(long, value_name = "URL")]
     pub callback_url: Option<String>,
+    /// Folder of the local files manifests may name instead of URLs
+    /// [default: INBOX/media].
+    #[arg(long, value_name = "DIR")]
+    pub media_root: Option<PathBuf>,
+    /// Public URL that reaches this daemon's listener (e.g. through a reverse
+    /// proxy); local files are served to the API under URL/media/TOKEN.
+    #[arg(long, value_name = "URL")]
+    pub media_url: Option<String>,
     /// Resolution for rows that leave it blank [default: 480p].
     #[arg(long, value_name = "480p|720p", value_parser = parse_resolution)]
     pub resolution: Option<Resolution>,
@@ -207,6 +215,17 @@ pub struct ValidateArgs {
     /// M4A fails validation.
     #[arg(long)]
     pub probe: bool,
+    /// TOML config file of the daemon: local files are checked against its
+    /// media settings, as the daemon would.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Folder of the local files the manifest may name [default: the
+    /// config's, else INBOX/media].
+    #[arg(long, value_name = "DIR")]
+    pub media_root: Option<PathBuf>,
+    /// Check as a daemon started with this --media-url would.
+    #[arg(long, value_name = "URL")]
+    pub media_url: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -12,6 +12,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::cli::{LogFormat, RunArgs};
+use crate::media::{MediaSettings, Publishing};
 use crate::spec::{Provider, Resolution, RowDefaults};
 
 pub const DEFAULT_API_BASE: &str = "https://api.apixo.ai";
@@ -85,6 +86,12 @@ pub struct FileSettings {
     pub callback_listen: Option<SocketAddr>,
     #[serde(alias = "callback_url")]
     pub callback_url: Option<String>,
+    /// Folder of local media files (default `INBOX/media`).
+    #[serde(alias = "media_root")]
+    pub media_root: Option<PathBuf>,
+    /// Public URL reaching the listener's `/media/` route.
+    #[serde(alias = "media_url")]
+    pub media_url: Option<String>,
     pub resolution: Option<Resolution>,
     pub provider: Option<Provider>,
     pub prompt: Option<String>,
@@ -185,6 +192,8 @@ pub struct Settings {
     /// Serve the callback route alone here, not on `listen`.
     pub callback_listen: Option<SocketAddr>,
     pub callback_url: Option<url::Url>,
+    /// `--media-root`, `--media-url`: local files named by manifests.
+    pub media: MediaSettings,
     pub defaults: RowDefaults,
     pub api_timeout: Duration,
     pub stop_timeout: Duration,
@@ -263,6 +272,17 @@ impl Settings {
         env: &Environment,
     ) -> Result<Settings, ConfigError> {
         let simulate = args.simulate || file.simulate.unwrap_or(false);
+        let inbox = args
+            .inbox
+            .clone()
+            .or(file.inbox.clone())
+            .unwrap_or_else(|| "inbox".into());
+        let media = media_settings(
+            args.media_root.clone(),
+            args.media_url.clone(),
+            &file,
+            &inbox,
+        )?;
         let api_base = args
             .api_base
             .clone()
@@ -421,11 +441,7 @@ impl Settings {
         let max_downloads = file.max_downloads.unwrap_or(8);
         positive("max-downloads", max_downloads)?;
         Ok(Settings {
-            inbox: args
-                .inbox
-                .clone()
-                .or(file.inbox)
-                .unwrap_or_else(|| "inbox".into()),
+            inbox,
             outbox: args
                 .outbox
                 .clone()
@@ -445,6 +461,7 @@ impl Settings {
             listen,
             callback_listen,
             callback_url,
+            media,
             defaults,
             api_timeout,
             stop_timeout,
@@ -481,6 +498,43 @@ impl Settings {
             warnings,
         })
     }
+}
+
+/// The local-media settings from flags over the file over defaults; shared
+/// by `run` and `validate`, so that both check the same way.
+pub fn media_settings(
+    root_flag: Option<PathBuf>,
+    url_flag: Option<String>,
+    file: &FileSettings,
+    inbox: &Path,
+) -> Result<MediaSettings, ConfigError> {
+    let root = root_flag
+        .or_else(|| file.media_root.clone())
+        .unwrap_or_else(|| MediaSettings::default_root(inbox));
+    let publishing = match url_flag.or_else(|| file.media_url.clone()) {
+        Some(raw) => {
+            let url = url::Url::parse(&raw).map_err(|e| ConfigError::Invalid {
+                key: "media-url",
+                message: format!("{raw:?} is not a URL: {e}"),
+            })?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "media-url",
+                    message: "must be an http or https URL with a host".into(),
+                });
+            }
+            if url.query().is_some() || url.fragment().is_some() {
+                return Err(ConfigError::Invalid {
+                    key: "media-url",
+                    message: "must not have a query or fragment: /media/TOKEN is appended to it"
+                        .into(),
+                });
+            }
+            Publishing::Url(url)
+        }
+        None => Publishing::Off,
+    };
+    Ok(MediaSettings { root, publishing })
 }
 
 pub fn default_listen() -> SocketAddr {

@@ -128,6 +128,7 @@ pub async fn serve(
     let folders = Folders {
         inbox: settings.inbox.clone(),
         outbox: settings.outbox.clone(),
+        media: settings.media.clone(),
     };
     {
         let (store, folders) = (store.clone(), folders.clone());

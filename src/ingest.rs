@@ -23,6 +23,7 @@ use sha2::{Digest, Sha256};
 
 use crate::fsutil;
 use crate::manifest::{self, ManifestError, Problem};
+use crate::media::{MediaCheck, MediaSettings, table};
 use crate::store::{BatchPhase, BatchRecord, Begin, Store, StoreError};
 
 /// Name of the folder under the inbox that holds rejected manifests.
@@ -37,9 +38,25 @@ pub const MANIFEST_NAME: &str = "manifest.csv";
 pub struct Folders {
     pub inbox: PathBuf,
     pub outbox: PathBuf,
+    /// Where local media files are looked for and how they are published.
+    pub media: MediaSettings,
 }
 
 impl Folders {
+    /// The folders with the default media settings (root `INBOX/media`, not
+    /// published: manifests with local files are rejected).
+    pub fn new(inbox: PathBuf, outbox: PathBuf) -> Folders {
+        let media = MediaSettings {
+            root: MediaSettings::default_root(&inbox),
+            publishing: crate::media::Publishing::Off,
+        };
+        Folders {
+            inbox,
+            outbox,
+            media,
+        }
+    }
+
     pub fn batch_dir(&self, batch: &str) -> PathBuf {
         self.outbox.join(batch)
     }
@@ -222,7 +239,8 @@ fn ingest_taken(
             return Ok(Outcome::Rejected { problems });
         }
     };
-    let summary = match manifest::validate_reader(&handle, file) {
+    let mut media = MediaCheck::recording(&folders.media, store.path());
+    let summary = match manifest::validate_reader_with(&handle, file, &mut media) {
         Ok(summary) => summary,
         Err(ManifestError::Invalid { problems, .. }) => {
             reject(folders, file, &problems)?;
@@ -259,6 +277,18 @@ fn ingest_taken(
         }
     };
     store.flush_blocking()?;
+    // The media table takes its final name before the manifest is copied:
+    // a batch whose copy is complete has its table (see `recover`).
+    if let Some(writer) = media.into_table() {
+        let dest = table::path_of(store.path(), batch.seq);
+        if let Err(e) = writer.persist(&dest) {
+            undo(store, &batch, &folders.manifest_of(&batch.name))?;
+            return Err(IngestError::Io {
+                path: dest,
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+    }
 
     let dir = folders.batch_dir(&batch.name);
     let dest = folders.manifest_of(&batch.name);
@@ -307,6 +337,7 @@ fn undo(store: &Store, batch: &BatchRecord, dest: &Path) -> Result<(), IngestErr
     if let Some(dir) = dest.parent() {
         let _ = fs::remove_dir(dir);
     }
+    let _ = fs::remove_file(table::path_of(store.path(), batch.seq));
     store.abandon_batch(batch.seq)?;
     store.flush_blocking()?;
     Ok(())
@@ -332,6 +363,7 @@ fn remove_source(store: &Store, batch: &BatchRecord) -> Result<(), IngestError> 
 /// Finishes or undoes ingests a crash interrupted. Run once at start-up,
 /// before the inbox is scanned.
 pub fn recover(store: &Store, folders: &Folders) -> Result<Vec<BatchRecord>, IngestError> {
+    table::remove_pending(store.path());
     let mut accepted = Vec::new();
     for batch in store.batches()? {
         match batch.phase {

@@ -10,6 +10,7 @@
 //!   rows, the request ledger) and the row state machine. Only
 //!   `store/sled.rs` imports sled.
 //! - [`ingest`]: one manifest file into one batch (or into `rejected/`).
+//! - [`media`]: local files named by manifests: checked, hashed, published.
 //! - [`inbox`]: watching the inbox folder, feeding [`ingest`].
 //! - [`api`]: the APIXO client, wire types and the classification of answers.
 //! - [`dispatch`]: pacing (request budget, concurrency slots), submitting and polling.
@@ -46,6 +47,7 @@ pub mod ingest;
 mod listener;
 pub mod manage;
 pub mod manifest;
+pub mod media;
 mod metrics;
 pub mod probe;
 mod results;

@@ -270,7 +270,43 @@ async fn watch_signals(shutdown: CancellationToken) {
 }
 
 fn validate(args: &ValidateArgs) -> ExitCode {
-    match manifest::validate_path(&args.file) {
+    // Local files are checked against the same media settings as `run`'s.
+    let file = match &args.config {
+        Some(path) => match FileSettings::load(path) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("infinitetalk-batch validate: {e}");
+                return ExitCode::from(EXIT_CONFIG);
+            }
+        },
+        None => FileSettings::default(),
+    };
+    let inbox = file.inbox.clone().unwrap_or_else(|| "inbox".into());
+    let media = match infinitetalk_batch::config::media_settings(
+        args.media_root.clone(),
+        args.media_url.clone(),
+        &file,
+        &inbox,
+    ) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("infinitetalk-batch validate: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    let checked = std::fs::File::open(&args.file)
+        .map_err(|source| ManifestError::Io {
+            path: args.file.clone(),
+            source,
+        })
+        .and_then(|f| {
+            manifest::validate_reader_with(
+                f,
+                &args.file,
+                &mut infinitetalk_batch::media::MediaCheck::new(&media),
+            )
+        });
+    match checked {
         Ok(summary) => {
             let defaults = RowDefaults::default();
             if !args.probe {
@@ -412,13 +448,12 @@ async fn manage_batch(args: DaemonArgs, batch: String, action: Action) -> ExitCo
         None => FileSettings::default(),
     };
     let listen = args.listen.or(file.listen).unwrap_or_else(default_listen);
-    let folders = infinitetalk_batch::ingest::Folders {
-        inbox: file.inbox.unwrap_or_else(|| "inbox".into()),
-        outbox: args
-            .outbox
+    let folders = infinitetalk_batch::ingest::Folders::new(
+        file.inbox.unwrap_or_else(|| "inbox".into()),
+        args.outbox
             .or(file.outbox)
             .unwrap_or_else(|| "outbox".into()),
-    };
+    );
     let state = args.state.or(file.state).unwrap_or_else(|| "state".into());
     let Ok(client) = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))

@@ -374,7 +374,7 @@ async fn probe_url(
         error: Arc::new(Mutex::new(None)),
     };
     let error = source.error.clone();
-    let demuxed = tokio::task::spawn_blocking(move || demux(source, format)).await;
+    let demuxed = tokio::task::spawn_blocking(move || demux(Box::new(source), total, format)).await;
     let last_fetch_error = || error.lock().unwrap_or_else(|p| p.into_inner()).take();
     match demuxed {
         Ok(Ok(seconds)) => Ok(Probed {
@@ -415,9 +415,46 @@ fn sniff(head: &[u8]) -> Result<AudioFormat, ProbeError> {
     )))
 }
 
+/// The length of a local audio file (a manifest's local media), read the
+/// same way as a remote one: sniffed, then demuxed (never decoded). Blocks:
+/// call it from a blocking thread.
+pub fn probe_file(mut file: std::fs::File) -> Result<Probed, ProbeError> {
+    let len = file
+        .metadata()
+        .map_err(|e| ProbeError::Network(format!("cannot read the file: {e}")))?
+        .len();
+    if len == 0 {
+        return Err(ProbeError::Unsupported("the file is empty".into()));
+    }
+    if len > MAX_AUDIO_BYTES {
+        return Err(ProbeError::TooLarge { bytes: len });
+    }
+    let mut head = [0u8; 16];
+    let mut got = 0;
+    while got < head.len() {
+        match file.read(&mut head[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(ProbeError::Network(format!("cannot read the file: {e}"))),
+        }
+    }
+    let format = sniff(&head[..got])?;
+    file.seek(SeekFrom::Start(0))
+        .map_err(|e| ProbeError::Network(format!("cannot read the file: {e}")))?;
+    let seconds = demux(Box::new(file), len, format)?;
+    if seconds > MAX_AUDIO_SECONDS {
+        return Err(ProbeError::TooLong { seconds });
+    }
+    Ok(Probed {
+        seconds,
+        format,
+        bytes: len,
+    })
+}
+
 /// Reads the container's header and returns its duration in seconds.
-fn demux(source: RangeSource, format: AudioFormat) -> Result<f64, ProbeError> {
-    let len = source.len;
+fn demux(source: Box<dyn MediaSource>, len: u64, format: AudioFormat) -> Result<f64, ProbeError> {
     let mut hint = Hint::new();
     hint.with_extension(match format {
         AudioFormat::Mp3 => "mp3",
@@ -425,7 +462,7 @@ fn demux(source: RangeSource, format: AudioFormat) -> Result<f64, ProbeError> {
         AudioFormat::M4a => "m4a",
     });
     let mss = MediaSourceStream::new(
-        Box::new(source),
+        source,
         MediaSourceStreamOptions {
             buffer_len: 64 * 1024,
         },

@@ -265,10 +265,7 @@ mod tests {
     #[test]
     fn results_follow_the_manifest_rows_and_skip_blank_lines() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let folders = Folders {
-            inbox: dir.path().join("inbox"),
-            outbox: dir.path().join("outbox"),
-        };
+        let folders = Folders::new(dir.path().join("inbox"), dir.path().join("outbox"));
         let store = Store::open(&dir.path().join("state")).expect("store");
         let text = "\u{feff}id,image_url,audio_url,Note\r\na,https://x/a.png,https://x/a.mp3, keep  \r\n,,,\r\n\r\nb,https://x/b.png,https://x/b.mp3,\"two\nlines\"\r\n";
         let Begin::Started(batch) = store

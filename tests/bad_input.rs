@@ -216,10 +216,7 @@ fn a_line_longer_than_a_mebibyte_is_rejected_in_bounded_memory() {
 fn hostile_ids_are_rejected_and_nothing_lands_outside_the_folders() {
     let _alone = memory_lock();
     let root = tempfile::tempdir().expect("tmp");
-    let folders = Folders {
-        inbox: root.path().join("inbox"),
-        outbox: root.path().join("outbox"),
-    };
+    let folders = Folders::new(root.path().join("inbox"), root.path().join("outbox"));
     let state = root.path().join("state");
     std::fs::create_dir_all(&folders.inbox).expect("inbox");
     let store = Store::open(&state).expect("store");

@@ -32,10 +32,7 @@ fn new_dir() -> (TempDir, Folders) {
         .with_env_filter("infinitetalk_batch=debug")
         .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
-    let folders = Folders {
-        inbox: dir.path().join("inbox"),
-        outbox: dir.path().join("outbox"),
-    };
+    let folders = Folders::new(dir.path().join("inbox"), dir.path().join("outbox"));
     (dir, folders)
 }
 

@@ -28,6 +28,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::media::{Column, MediaCheck};
 use crate::spec::{Resolution, RowDefaults, RowSpec};
 
 mod reader;
@@ -116,6 +117,8 @@ pub struct Summary {
     pub sha256: String,
     /// Names of the extra columns, in header order, as written in the header.
     pub extra_columns: Vec<String>,
+    /// Cells naming local files (see [`crate::media`]).
+    pub local_files: u64,
 }
 
 impl Summary {
@@ -163,6 +166,16 @@ pub fn validate_path(path: &Path) -> Result<Summary, ManifestError> {
 /// [`validate_path`] on an open handle (`path` names it in errors): the
 /// daemon reads an inbox file only through the handle it checked.
 pub fn validate_reader(file: impl Read, path: &Path) -> Result<Summary, ManifestError> {
+    validate_reader_with(file, path, &mut MediaCheck::off())
+}
+
+/// [`validate_reader`] with the local files that cells name checked by
+/// `media` (against the media root, and recorded when ingesting).
+pub fn validate_reader_with(
+    file: impl Read,
+    path: &Path,
+    media: &mut MediaCheck,
+) -> Result<Summary, ManifestError> {
     let io_err = |source| ManifestError::Io {
         path: path.to_owned(),
         source,
@@ -192,6 +205,14 @@ pub fn validate_reader(file: impl Read, path: &Path) -> Result<Summary, Manifest
         rows += 1;
         let checked = check_row(&columns, &record, rows, &mut problems);
         ids.check_unique(&checked, record.line, &mut problems);
+        for column in Column::ALL {
+            if let Some(cell) = checked.local[usize::from(column.index())] {
+                let line = record.line;
+                media.check(rows, column, cell, &mut |message| {
+                    problems.push(line, column.name(), message);
+                });
+            }
+        }
         if let Some(row) = checked.row {
             *by_resolution.entry(row.resolution).or_default() += 1;
         }
@@ -208,6 +229,7 @@ pub fn validate_reader(file: impl Read, path: &Path) -> Result<Summary, Manifest
         by_resolution,
         sha256,
         extra_columns: columns.extra_names,
+        local_files: media.local_cells,
     })
 }
 

@@ -237,14 +237,14 @@ mod tests {
 
     #[test]
     fn reader_reports_a_file_that_no_longer_validates() {
-        let text = format!("{HEADER}{ROW}https://x.test/a.png,bad\n");
+        let text = format!("{HEADER}{ROW}https://x.test/a.png,ftp://x.test/bad\n");
         let f = file(text.as_bytes());
         let mut reader = RowReader::open(f.path(), None).expect("open");
         assert!(reader.next_row().expect("first row").is_some());
         match reader.next_row() {
             Err(ManifestError::Invalid { problems, .. }) => assert_eq!(
                 problems[0].to_string(),
-                "line 3: column audio_url: \"bad\" is not an http or https URL (relative URL without a base)"
+                "line 3: column audio_url: \"ftp://x.test/bad\" is not an http or https URL (its scheme is ftp)"
             ),
             other => panic!("expected Invalid, got {other:?}"),
         }

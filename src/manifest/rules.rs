@@ -180,6 +180,10 @@ pub(super) struct Checked<'a> {
     id_defaulted: bool,
     /// The row, when it broke no rule.
     pub(super) row: Option<RowView<'a>>,
+    /// Cells that name local files, by [`crate::media::Column::index`]:
+    /// checked against the media root by the caller, even when the row
+    /// broke other rules (every problem is listed).
+    pub(super) local: [Option<&'a str>; 3],
 }
 
 /// Checks every rule of the contract that one row can break on its own.
@@ -193,6 +197,7 @@ pub(super) fn check_row<'a>(
         id: None,
         id_defaulted: false,
         row: None,
+        local: [None; 3],
     };
     let line = record.line;
     if let Some(fault) = record.fault {
@@ -273,8 +278,20 @@ pub(super) fn check_row<'a>(
         Err(()) => ok = false,
     }
 
+    let mut local = [None; 3];
     let mut url = |k: Known, value: Result<Option<&'a str>, ()>| -> Option<&'a str> {
         match value {
+            // A local path is checked against the media root by the caller
+            // (`crate::media`): these rules never touch the disk.
+            Ok(Some(text)) if crate::media::is_local(text) => {
+                let column = match k {
+                    Known::ImageUrl => crate::media::Column::Image,
+                    Known::MaskUrl => crate::media::Column::Mask,
+                    _ => crate::media::Column::Audio,
+                };
+                local[usize::from(column.index())] = Some(text);
+                Some(text)
+            }
             Ok(Some(text)) => match url_problem(text) {
                 None => Some(text),
                 Some(message) => {
@@ -299,6 +316,7 @@ pub(super) fn check_row<'a>(
     let image_url = url(Known::ImageUrl, image);
     let audio_url = url(Known::AudioUrl, audio);
     let mask_url = url(Known::MaskUrl, mask);
+    failed.local = local;
 
     let mut parsed = |k: Known, value: Result<Option<&'a str>, ()>, allowed: &str| match value {
         Ok(Some(text)) => {
@@ -695,7 +713,7 @@ mod tests {
         let cases = [
             (
                 "a.mp3",
-                "\"a.mp3\" is not an http or https URL (relative URL without a base)",
+                "\"a.mp3\" is not an http or https URL (local paths are checked only against a media root)",
             ),
             (
                 "ftp://x.test/a.mp3",
@@ -730,7 +748,7 @@ mod tests {
         summary(with_column("mask_url", " ").as_bytes());
         assert_eq!(
             one_problem(with_column("mask_url", "mask.png").as_bytes()),
-            "line 2: column mask_url: \"mask.png\" is not an http or https URL (relative URL without a base)"
+            "line 2: column mask_url: \"mask.png\" is not an http or https URL (local paths are checked only against a media root)"
         );
     }
 

@@ -34,6 +34,13 @@ use tokio_util::sync::CancellationToken;
 
 pub use video::{MAX_VIDEO_BYTES, SAMPLE_MP4, result_video, sha256_hex};
 
+/// A silent 8 kHz mono WAV file of `seconds` (at most 600), the audio the
+/// simulator serves under `/media`: for tests and examples that need real
+/// audio files.
+pub fn silent_wav_bytes(seconds: f64) -> Vec<u8> {
+    server::silent_wav(seconds)
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (use e.g. 250ms, 15s, 2m)"))
 }
