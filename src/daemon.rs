@@ -180,6 +180,7 @@ pub async fn serve(
         folders.clone(),
         metrics.clone(),
         callback_url,
+        crate::media::Publisher::new(&settings.state, &settings.media.publishing, &secret),
         engine_stop.clone(),
     )?;
     let requeued = {
@@ -203,7 +204,10 @@ pub async fn serve(
             token: admin_token,
             listen: listen_addr,
             callback_url: settings.callback_url.clone(),
-            public_urls: Vec::new(),
+            public_urls: match &settings.media.publishing {
+                crate::media::Publishing::Url(url) => vec![url.clone()],
+                crate::media::Publishing::Off => Vec::new(),
+            },
         });
         let callback_here = callback_listener.is_none();
         if let Some(socket) = callback_listener {

@@ -66,10 +66,14 @@ pub(crate) fn router(
             .route("/callback/{secret}", post(callback_handler))
             .layer(DefaultBodyLimit::max(MAX_CALLBACK_BYTES));
     }
+    // `/media/{token}`: the token is the credential, as the callback's
+    // secret path is (the API fetches from off this machine).
+    let media = crate::media::serve::routes(app.engine.clone());
     let router = Router::new()
         .merge(changing)
         .merge(console)
         .merge(reading)
+        .merge(media)
         .merge(open.with_state(app))
         .merge(gate.routes());
     gate.check_host(router)

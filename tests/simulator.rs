@@ -935,3 +935,71 @@ async fn standalone_runs_until_sigterm() {
         .expect("join")
         .expect("clean exit");
 }
+
+#[tokio::test]
+async fn loopback_inputs_are_fetched_and_others_taken_as_reachable() {
+    let sim = Sim::fast().await;
+    // A small server that answers 200 to one path and 404 to others, on
+    // loopback: what a daemon's /media or a local object store looks like.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let other = listener.local_addr().expect("addr");
+    let app = axum::Router::new().route("/ok.png", axum::routing::get(|| async { "x" }));
+    let server = tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    let base = sim.base.clone();
+    let cases = [
+        // Not loopback: never fetched, taken as reachable.
+        (
+            "https://img.test/a.png".to_owned(),
+            "https://audio.test/a.mp3?sim_audio_seconds=1".to_owned(),
+            None,
+        ),
+        // The simulator's own /media serves .wav audio.
+        (
+            format!("http://{other}/ok.png"),
+            format!("{base}/media/a.wav?sim_audio_seconds=1"),
+            None,
+        ),
+        // ... and nothing else: an image there is not found.
+        (
+            format!("{base}/media/a.png"),
+            "https://audio.test/a.mp3?sim_audio_seconds=1".to_owned(),
+            Some("INVALID_IMAGE_URL"),
+        ),
+        (
+            format!("http://{other}/missing.png"),
+            "https://audio.test/a.mp3?sim_audio_seconds=1".to_owned(),
+            Some("INVALID_IMAGE_URL"),
+        ),
+        // Nothing listens on port 9.
+        (
+            "https://img.test/a.png".to_owned(),
+            "http://127.0.0.1:9/a.wav?sim_audio_seconds=1".to_owned(),
+            Some("INVALID_AUDIO_URL"),
+        ),
+        (
+            "https://img.test/a.png".to_owned(),
+            format!(
+                "http://localhost:{}/nope.wav?sim_audio_seconds=1",
+                other.port()
+            ),
+            Some("INVALID_AUDIO_URL"),
+        ),
+    ];
+    for (image, audio, want) in cases {
+        let id = sim.submit_ok(&body(&image, &audio)).await;
+        let data = sim.wait_done(&id).await;
+        match want {
+            None => assert_eq!(data["state"], "success", "{image} {audio}: {data}"),
+            Some(code) => {
+                assert_eq!(data["state"], "failed", "{image} {audio}: {data}");
+                assert_eq!(data["failCode"], code, "{image} {audio}");
+            }
+        }
+    }
+    server.abort();
+    sim.stop().await;
+}

@@ -92,6 +92,8 @@ pub struct Engine {
     pub prober: crate::probe::Prober,
     /// `--max-spend-usd`; a new value (a reload) wakes a paused submitter.
     pub spend_cap: watch::Sender<Option<f64>>,
+    /// Turns rows' local files into URLs at submit (`--media-url`).
+    pub media: Arc<crate::media::Publisher>,
     /// Rows ended lately, per batch and per minute.
     pub progress: progress::Progress,
     /// Mean task time the poll model has learned, in seconds (f64 bits; 0:
@@ -118,6 +120,7 @@ impl Engine {
         folders: Folders,
         metrics: Arc<Metrics>,
         callback_url: Option<String>,
+        media: Arc<crate::media::Publisher>,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Engine>, Arc<Inboxes>), StoreError> {
         let ledger = store.load_ledger()?;
@@ -160,6 +163,7 @@ impl Engine {
                 crate::probe::DEFAULT_PROBES_IN_FLIGHT,
             ),
             spend_cap: watch::channel(settings.max_spend_usd).0,
+            media,
             progress: progress::Progress::default(),
             mean_task_bits: AtomicU64::new(0),
             settings,

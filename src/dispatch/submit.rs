@@ -361,7 +361,22 @@ async fn submit_row(
 ) {
     let batch = engine.batch_name(key.batch);
     let callback_url = engine.callback_url.clone();
-    let spec = record.spec.clone();
+    // Local files: checked to hold the validated bytes, then published.
+    // A file that changed fails the row here, before anything is paid.
+    let spec = match engine.media.prepare(key, &record.spec).await {
+        Ok(spec) => spec,
+        Err(e) => {
+            refund(&engine, &record).await;
+            drop(slot);
+            if let Err(se) = engine
+                .fail_row(key, RowState::Submitting, e.fail_code(), &e.to_string())
+                .await
+            {
+                tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record a row whose local media changed");
+            }
+            return;
+        }
+    };
     let body = SubmitBody::new(&spec, &engine.settings.defaults, callback_url.as_deref());
     let mut attempt = 0u32;
     loop {

@@ -33,10 +33,13 @@ use std::path::{Path, PathBuf};
 
 mod check;
 pub mod local;
+pub mod publish;
+pub(crate) mod serve;
 pub mod table;
 
 pub use check::MediaCheck;
 pub use local::{LocalMedia, MediaFormat, MediaRoot, resolve_local};
+pub use publish::Publisher;
 
 /// Fail code of a row whose local file no longer holds the bytes validated
 /// at acceptance (changed, replaced or removed).

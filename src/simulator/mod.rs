@@ -19,6 +19,7 @@
 //! into them, or leave a spawned task running after shutdown.
 
 mod callback;
+mod inputs;
 mod persist;
 mod server;
 mod state;

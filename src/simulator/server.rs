@@ -272,7 +272,14 @@ async fn submit(State(shared): Sim, headers: HeaderMap, body: Bytes) -> Response
             _ => shared.bad_request("Insufficient credits"),
         };
     }
-    let id = match shared.create_task(&req, credits_task) {
+    // Like the service, fetch the inputs a task will need (loopback hosts
+    // only: others are out of a test's reach and taken as reachable).
+    let input_fail = if credits_task {
+        None
+    } else {
+        super::inputs::check(&shared, &req).await
+    };
+    let id = match shared.create_task(&req, credits_task, input_fail) {
         Ok(id) => id,
         Err(SubmitRefused::Concurrency) => {
             shared.record(|s| {

@@ -321,6 +321,11 @@ impl Shared {
         }))
     }
 
+    /// `http://HOST:PORT` of the simulator itself.
+    pub(super) fn base_url(&self) -> &str {
+        &self.base_url
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves plain counters behind: still usable.
         self.inner
@@ -429,10 +434,13 @@ impl Shared {
     /// Creates a task, or refuses at the concurrency cap.
     ///
     /// `credits_out` makes the task fail with `INSUFFICIENT_CREDITS`.
+    /// `input_fail`: the fail code of inputs that could not be fetched
+    /// (see `inputs`); the task is created and fails with it.
     pub(super) fn create_task(
         &self,
         req: &SubmitRequest,
         credits_out: bool,
+        input_fail: Option<&str>,
     ) -> Result<String, SubmitRefused> {
         let now = Instant::now();
         let mut g = self.lock();
@@ -460,6 +468,8 @@ impl Shared {
         urls.push(&req.audio_url);
         let fail_code = if credits_out {
             Some("INSUFFICIENT_CREDITS".to_string())
+        } else if let Some(code) = input_fail {
+            Some(code.to_owned())
         } else if let Some(code) = marker(&urls, "sim_fail") {
             Some(code)
         } else if count == 1 {

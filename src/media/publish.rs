@@ -1,0 +1,282 @@
+//! A row's local files into URLs the API can fetch, at submit time.
+//!
+//! [`Publisher::prepare`] first checks that each local file still holds the
+//! bytes validated at acceptance (the media table's size and modification
+//! time; the SHA-256 again when either moved): a file that does not is a
+//! [`MediaError::Changed`], and the row fails `MEDIA_CHANGED` unsent. Then
+//! it asks the publishing mode for a URL:
+//!
+//! - `--media-url`: `URL/media/TOKEN.EXT`, served by the listener
+//!   ([`super::serve`]). The token is the row's key and column with an HMAC
+//!   over them and the file's hash, so it is unguessable, needs no write to
+//!   the store, and dies with the row (the route checks the row is live).
+//! - `--media-store` (object storage) is a further [`Mode`]: the same check
+//!   first, then an upload named by the hash and a presigned URL.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hmac::{KeyInit, Mac};
+use sha2::Sha256;
+
+use super::local::{MediaRoot, hash_file, mtime_of, open_regular};
+use super::table::{self, Entry, Table};
+use super::{Column, MediaError, MediaRef, Publishing, classify};
+use crate::spec::RowSpec;
+use crate::store::RowKey;
+
+type HmacSha256 = hmac::Hmac<Sha256>;
+
+/// Bytes of the HMAC kept in a token (128 bits).
+const MAC_BYTES: usize = 16;
+/// Token bytes: batch (8), row (8), column (1), MAC.
+const TOKEN_BYTES: usize = 17 + MAC_BYTES;
+
+/// How local files become URLs.
+#[derive(Clone)]
+enum Mode {
+    /// No publishing flag: a row with local files cannot be sent.
+    Off,
+    /// `--media-url`: the listener's `/media/` route under `base`.
+    Url { base: String },
+}
+
+/// A local file of a row, checked to hold the recorded bytes.
+#[derive(Debug, Clone)]
+pub struct Verified {
+    pub column: Column,
+    /// Canonical path, inside the media root.
+    pub path: PathBuf,
+    pub entry: Entry,
+}
+
+/// Turns local files into URLs; shared by the submitter and the listener.
+pub struct Publisher {
+    state_dir: PathBuf,
+    mode: Mode,
+    /// HMAC key of tokens, derived from the daemon's secret.
+    key: [u8; 32],
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("state_dir", &self.state_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// `secret`: the daemon's stored secret (the callback secret); tokens
+    /// stay valid across restarts, and only this daemon can make them.
+    pub fn new(state_dir: &Path, publishing: &Publishing, secret: &str) -> Arc<Publisher> {
+        let mode = match publishing {
+            Publishing::Off => Mode::Off,
+            Publishing::Url(url) => Mode::Url {
+                base: url.as_str().trim_end_matches('/').to_owned(),
+            },
+        };
+        let mut mac = hmac_with(secret.as_bytes());
+        mac.update(b"infinitetalk-batch media token key v1");
+        let key: [u8; 32] = mac.finalize().into_bytes().into();
+        Arc::new(Publisher {
+            state_dir: state_dir.to_owned(),
+            mode,
+            key,
+        })
+    }
+
+    /// The row's spec with each local file replaced by its URL. Blocking
+    /// work (hashing) runs on a blocking thread.
+    pub async fn prepare(
+        self: &Arc<Self>,
+        key: RowKey,
+        spec: &RowSpec,
+    ) -> Result<RowSpec, MediaError> {
+        let locals = local_cells(spec);
+        if locals.is_empty() {
+            return Ok(spec.clone());
+        }
+        if matches!(self.mode, Mode::Off) {
+            return Err(MediaError::Unpublished);
+        }
+        let this = self.clone();
+        let owned: Vec<(Column, String)> =
+            locals.iter().map(|(c, s)| (*c, (*s).to_owned())).collect();
+        let verified = tokio::task::spawn_blocking(move || this.verify_row(key, &owned))
+            .await
+            .map_err(|e| MediaError::Table {
+                path: table::path_of(&self.state_dir, key.batch),
+                message: format!("checking the row's files panicked: {e}"),
+            })??;
+        let mut out = spec.clone();
+        for v in verified {
+            let url = self.url_for(key, &v)?;
+            match v.column {
+                Column::Image => out.image_url = url,
+                Column::Mask => out.mask_url = Some(url),
+                Column::Audio => out.audio_url = url,
+            }
+        }
+        Ok(out)
+    }
+
+    /// The URL of one verified file.
+    fn url_for(&self, key: RowKey, v: &Verified) -> Result<String, MediaError> {
+        match &self.mode {
+            Mode::Off => Err(MediaError::Unpublished),
+            Mode::Url { base } => Ok(format!(
+                "{base}/media/{}.{}",
+                self.token(key, v.column, &v.entry.print.sha256),
+                v.entry.format.extension()
+            )),
+        }
+    }
+
+    /// Checks each `(column, cell)` of row `key` against the media table.
+    /// Blocks.
+    pub fn verify_row(
+        &self,
+        key: RowKey,
+        cells: &[(Column, String)],
+    ) -> Result<Vec<Verified>, MediaError> {
+        let table = Table::open(&table::path_of(&self.state_dir, key.batch))?;
+        cells
+            .iter()
+            .map(|(column, cell)| verify(&table, key.row, *column, cell))
+            .collect()
+    }
+
+    /// The token of `column` of row `key` whose file hashes to `sha256`:
+    /// hex of the key, the column and an HMAC over them and the hash.
+    pub fn token(&self, key: RowKey, column: Column, sha256: &[u8; 32]) -> String {
+        let mut bytes = Vec::with_capacity(TOKEN_BYTES);
+        bytes.extend_from_slice(&key.batch.to_be_bytes());
+        bytes.extend_from_slice(&key.row.to_be_bytes());
+        bytes.push(column.index());
+        let mac = self.mac(&bytes, sha256);
+        bytes.extend_from_slice(&mac[..MAC_BYTES]);
+        crate::ingest::hex(&bytes)
+    }
+
+    /// The row and column a token claims, and its MAC (not yet checked).
+    pub(crate) fn parse_token(token: &str) -> Option<(RowKey, Column, [u8; MAC_BYTES])> {
+        if token.len() != TOKEN_BYTES * 2 || !token.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let bytes: Vec<u8> = (0..TOKEN_BYTES)
+            .map(|i| u8::from_str_radix(token.get(2 * i..2 * i + 2)?, 16).ok())
+            .collect::<Option<_>>()?;
+        let batch = u64::from_be_bytes(bytes.get(..8)?.try_into().ok()?);
+        let row = u64::from_be_bytes(bytes.get(8..16)?.try_into().ok()?);
+        let column = Column::from_index(*bytes.get(16)?)?;
+        let mac: [u8; MAC_BYTES] = bytes.get(17..)?.try_into().ok()?;
+        Some((RowKey { batch, row }, column, mac))
+    }
+
+    /// Whether `mac` is the token MAC of `key`, `column` and `sha256`
+    /// (compared in constant time).
+    pub(crate) fn mac_matches(
+        &self,
+        key: RowKey,
+        column: Column,
+        sha256: &[u8; 32],
+        mac: &[u8; MAC_BYTES],
+    ) -> bool {
+        let mut bytes = Vec::with_capacity(17);
+        bytes.extend_from_slice(&key.batch.to_be_bytes());
+        bytes.extend_from_slice(&key.row.to_be_bytes());
+        bytes.push(column.index());
+        let want = self.mac(&bytes, sha256);
+        crate::admin::constant_time_eq(&want[..MAC_BYTES], mac)
+    }
+
+    fn mac(&self, bytes: &[u8], sha256: &[u8; 32]) -> [u8; 32] {
+        let mut mac = hmac_with(&self.key);
+        mac.update(bytes);
+        mac.update(sha256);
+        mac.finalize().into_bytes().into()
+    }
+
+    pub(crate) fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+}
+
+/// A keyed HMAC; HMAC takes keys of any length, so this cannot fail.
+fn hmac_with(key: &[u8]) -> HmacSha256 {
+    <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length")
+}
+
+/// The local cells of a row, by column.
+pub fn local_cells(spec: &RowSpec) -> Vec<(Column, &str)> {
+    let mut out = Vec::new();
+    for (column, cell) in [
+        (Column::Image, Some(spec.image_url.as_str())),
+        (Column::Mask, spec.mask_url.as_deref()),
+        (Column::Audio, Some(spec.audio_url.as_str())),
+    ] {
+        if let Some(MediaRef::Local(cell)) = cell.map(classify) {
+            out.push((column, cell));
+        }
+    }
+    out
+}
+
+/// Checks that `cell` still names a file holding what the table recorded
+/// for `row`/`column`: same size and modification time, or else the same
+/// SHA-256. Blocks.
+pub fn verify(table: &Table, row: u64, column: Column, cell: &str) -> Result<Verified, MediaError> {
+    let root = MediaRoot::from_canonical(table.root().to_owned());
+    let changed = |why: String| MediaError::Changed {
+        path: root.canonical.join(cell),
+        why,
+    };
+    let entry = table
+        .get(row, column)?
+        .ok_or_else(|| changed("no record of it was made at acceptance".into()))?;
+    let path = root.locate(cell).map_err(|e| changed(e.to_string()))?;
+    let (mut file, meta) = open_regular(&path, cell).map_err(|e| changed(e.to_string()))?;
+    if meta.len() != entry.print.size {
+        return Err(changed(format!(
+            "{} bytes, {} at acceptance",
+            meta.len(),
+            entry.print.size
+        )));
+    }
+    if mtime_of(&meta) != entry.print.mtime {
+        let (sha256, read) = hash_file(&mut file).map_err(|e| changed(e.to_string()))?;
+        if sha256 != entry.print.sha256 || read != entry.print.size {
+            return Err(changed("its content's SHA-256 differs".into()));
+        }
+    }
+    Ok(Verified {
+        column,
+        path,
+        entry,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_bind_the_row_and_content() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = Publisher::new(dir.path(), &Publishing::Off, "secret");
+        let key = RowKey { batch: 3, row: 42 };
+        let t = p.token(key, Column::Audio, &[1; 32]);
+        let (k, c, mac) = Publisher::parse_token(&t).expect("parses");
+        assert_eq!((k, c), (key, Column::Audio));
+        assert!(p.mac_matches(k, c, &[1; 32], &mac));
+        // Another content, row, column or secret does not match.
+        assert!(!p.mac_matches(k, c, &[2; 32], &mac));
+        assert!(!p.mac_matches(RowKey { batch: 3, row: 43 }, c, &[1; 32], &mac));
+        assert!(!p.mac_matches(k, Column::Image, &[1; 32], &mac));
+        let other = Publisher::new(dir.path(), &Publishing::Off, "other");
+        assert!(!other.mac_matches(k, c, &[1; 32], &mac));
+        assert!(Publisher::parse_token("zz").is_none());
+        assert!(Publisher::parse_token(&t[..t.len() - 2]).is_none());
+    }
+}
