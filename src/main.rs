@@ -294,6 +294,7 @@ fn validate(args: &ValidateArgs) -> ExitCode {
             return ExitCode::from(EXIT_CONFIG);
         }
     };
+    let media_root = media.root.clone();
     let checked = std::fs::File::open(&args.file)
         .map_err(|source| ManifestError::Io {
             path: args.file.clone(),
@@ -327,7 +328,7 @@ fn validate(args: &ValidateArgs) -> ExitCode {
                 );
             }
             if args.probe {
-                return runtime(|| probe_costs(args, defaults));
+                return runtime(|| probe_costs(args, defaults, &media_root));
             }
             println!(
                 "minimum cost: ${:.2} (5 s billed per row at its resolution's rate; the real cost depends on the audio length)",
@@ -354,7 +355,11 @@ fn validate(args: &ValidateArgs) -> ExitCode {
 }
 
 /// `validate --probe`: every row's audio read for its exact cost.
-async fn probe_costs(args: &ValidateArgs, defaults: RowDefaults) -> ExitCode {
+async fn probe_costs(
+    args: &ValidateArgs,
+    defaults: RowDefaults,
+    media_root: &std::path::Path,
+) -> ExitCode {
     let http = match reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(10))
         .build()
@@ -375,6 +380,7 @@ async fn probe_costs(args: &ValidateArgs, defaults: RowDefaults) -> ExitCode {
         &defaults,
         &prober,
         probe::DEFAULT_PROBES_IN_FLIGHT,
+        media_root,
     )
     .await
     {

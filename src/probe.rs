@@ -681,6 +681,18 @@ mod tests {
     }
 }
 
+/// The length of the local audio file `cell` names under `root`. Blocks.
+fn probe_local(root: &std::path::Path, cell: &str) -> Result<Probed, ProbeError> {
+    let root =
+        crate::media::MediaRoot::open(root).map_err(|e| ProbeError::Unsupported(e.to_string()))?;
+    let path = root
+        .locate(cell)
+        .map_err(|e| ProbeError::Unsupported(e.to_string()))?;
+    let file = std::fs::File::open(&path)
+        .map_err(|e| ProbeError::Network(format!("cannot read {}: {e}", path.display())))?;
+    probe_file(file)
+}
+
 /// What `validate --probe` reports: the exact estimate of a manifest.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Estimate {
@@ -698,12 +710,14 @@ impl Estimate {
     }
 }
 
-/// Probes every row of a (valid) manifest, `in_flight` at once.
+/// Probes every row of a (valid) manifest, `in_flight` at once. Local audio
+/// files (see [`crate::media`]) are read under `media_root`.
 pub async fn estimate_manifest(
     path: &std::path::Path,
     defaults: &crate::spec::RowDefaults,
     prober: &Prober,
     in_flight: usize,
+    media_root: &std::path::Path,
 ) -> Result<Estimate, crate::manifest::ManifestError> {
     let mut reader = crate::manifest::RowReader::open(path, None)?;
     let mut rows = Vec::new();
@@ -715,7 +729,15 @@ pub async fn estimate_manifest(
         ));
     }
     let probed: Vec<_> = futures_util::stream::iter(rows)
-        .map(|(line, res, url)| async move { (line, res, prober.probe(&url).await) })
+        .map(|(line, res, url)| async move {
+            if crate::media::is_local(&url) {
+                let root = media_root.to_owned();
+                let local = tokio::task::spawn_blocking(move || probe_local(&root, &url)).await;
+                let local = local.unwrap_or_else(|e| Err(ProbeError::Unsupported(e.to_string())));
+                return (line, res, local);
+            }
+            (line, res, prober.probe(&url).await)
+        })
         .buffered(in_flight.max(1))
         .collect()
         .await;

@@ -247,7 +247,10 @@ async fn a_file_changed_after_acceptance_fails_its_row_unsent() {
     std::fs::write(voices.join("3.wav"), &same).expect("touch");
 
     let media_s = media.display().to_string();
-    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &media_args(&media_s, &url), 0);
+    // With --probe, a local file's length is the one read at acceptance.
+    let mut args = media_args(&media_s, &url);
+    args.push("--probe");
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &args, 0);
     let finished = wait_results(&dirs, "changed", Duration::from_secs(60)).await;
     assert!(
         finished,
@@ -261,9 +264,10 @@ async fn a_file_changed_after_acceptance_fails_its_row_unsent() {
         assert_eq!(r["state"], "failed", "{id}");
         assert_eq!(r["fail_code"], "MEDIA_CHANGED", "{id}");
         assert!(r["task_id"].is_empty(), "{id}: never sent");
-        assert!(r["cost_usd"].is_empty(), "{id}: costs nothing");
     }
     assert_eq!(row("touched")["state"], "done");
+    let seconds: f64 = row("touched")["audio_seconds"].parse().expect("seconds");
+    assert!((seconds - 4.0).abs() < 0.01, "{seconds}");
     // Only the unchanged file's row reached the API.
     assert_eq!(sim.handle.tasks().len(), 1);
     let status = terminate(&mut daemon, Duration::from_secs(25));

@@ -252,3 +252,14 @@ fn acceptance_records_each_local_file() {
     }
     assert!(!table::path_of(&s.path("state"), batch.seq + 1).exists());
 }
+
+#[test]
+fn validate_probe_reads_local_audio_lengths() {
+    let s = Setup::new();
+    std::fs::write(s.path("media/long.wav"), wav(90.0)).expect("wav");
+    let m = s.manifest("a,people/ann.png,ann.wav\nb,people/ann.png,long.wav\n");
+    let (code, out, err) = s.validate(&m, &["--probe", "--media-url", "https://m.example/"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    // 5 s minimum for the 2 s clip, 90 s for the other, at 480p.
+    assert!(out.contains("estimated cost: $2.85"), "{out}");
+}

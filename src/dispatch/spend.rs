@@ -111,9 +111,23 @@ pub(super) async fn plan(
             Claim::Again(key) => again_specs.remove(key),
         })
         .collect();
+    let keys: Vec<RowKey> = group
+        .iter()
+        .map(|(_, c)| match c {
+            Claim::Fresh { batch, row, .. } => RowKey {
+                batch: *batch,
+                row: row.index,
+            },
+            Claim::Again(key) => *key,
+        })
+        .collect();
     let probes: Vec<Option<Result<f64, ProbeError>>> = if engine.settings.probe {
-        futures_util::future::join_all(specs.iter().map(|spec| async move {
+        futures_util::future::join_all(specs.iter().zip(&keys).map(|(spec, key)| async move {
             match spec {
+                // A local file's length was read when the manifest was accepted.
+                Some(spec) if crate::media::is_local(&spec.audio_url) => {
+                    Some(engine.media.recorded_seconds(*key).await)
+                }
                 Some(spec) => Some(probe_row(engine, &spec.audio_url).await),
                 None => None,
             }

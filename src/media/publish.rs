@@ -22,6 +22,7 @@ use sha2::Sha256;
 use super::local::{MediaRoot, hash_file, mtime_of, open_regular};
 use super::table::{self, Entry, Table};
 use super::{Column, MediaError, MediaRef, Publishing, classify};
+use crate::probe::ProbeError;
 use crate::spec::RowSpec;
 use crate::store::RowKey;
 
@@ -119,6 +120,26 @@ impl Publisher {
             }
         }
         Ok(out)
+    }
+
+    /// The audio length recorded at acceptance for row `key`'s local audio
+    /// (what `--probe` would read over HTTP for a URL).
+    pub async fn recorded_seconds(&self, key: RowKey) -> Result<f64, ProbeError> {
+        let path = table::path_of(&self.state_dir, key.batch);
+        let read = tokio::task::spawn_blocking(move || {
+            Table::open(&path).and_then(|t| t.get(key.row, Column::Audio))
+        })
+        .await;
+        match read {
+            Ok(Ok(Some(Entry {
+                seconds: Some(s), ..
+            }))) => Ok(s),
+            Ok(Ok(_)) => Err(ProbeError::NoDuration("local")),
+            Ok(Err(e)) => Err(ProbeError::Unsupported(e.to_string())),
+            Err(e) => Err(ProbeError::Unsupported(format!(
+                "reading the media table panicked: {e}"
+            ))),
+        }
     }
 
     /// The URL of one verified file.
