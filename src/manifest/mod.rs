@@ -412,7 +412,7 @@ mod tests {
     fn problems_are_capped() {
         let mut text = String::from(HEADER);
         for _ in 0..1500 {
-            text.push_str("https://x.test/a.png,bad\n");
+            text.push_str("https://x.test/a.png,ftp://x.test/bad\n");
         }
         let list = problems(text.as_bytes());
         assert_eq!(list.len(), MAX_PROBLEMS + 1);

@@ -357,25 +357,25 @@ mod tests {
         );
         assert_eq!(
             one_problem(text.as_bytes()),
-            "line 8: column audio_url: \"nope\" is not an http or https URL (local paths are checked only against a media root)"
+            "line 8: column audio_url: \"nope\" is not an http or https URL, and local files can only be sent to the API once published: set --media-url URL (served by this daemon's listener) or --media-store s3://BUCKET/PREFIX (an object store); neither is set"
         );
         // The same with CRLF.
         let crlf = text.replace('\n', "\r\n");
         assert_eq!(
             one_problem(crlf.as_bytes()),
-            "line 8: column audio_url: \"nope\" is not an http or https URL (local paths are checked only against a media root)"
+            "line 8: column audio_url: \"nope\" is not an http or https URL, and local files can only be sent to the API once published: set --media-url URL (served by this daemon's listener) or --media-store s3://BUCKET/PREFIX (an object store); neither is set"
         );
         // Old Mac line ends: a lone CR ends a line too.
         let cr = text.replace('\n', "\r");
         assert_eq!(
             one_problem(cr.as_bytes()),
-            "line 8: column audio_url: \"nope\" is not an http or https URL (local paths are checked only against a media root)"
+            "line 8: column audio_url: \"nope\" is not an http or https URL, and local files can only be sent to the API once published: set --media-url URL (served by this daemon's listener) or --media-store s3://BUCKET/PREFIX (an object store); neither is set"
         );
         // No line end at the end of the file.
         let text = format!("{HEADER}{ROW}{}", bad.trim_end());
         assert_eq!(
             one_problem(text.as_bytes()),
-            "line 3: column audio_url: \"nope\" is not an http or https URL (local paths are checked only against a media root)"
+            "line 3: column audio_url: \"nope\" is not an http or https URL, and local files can only be sent to the API once published: set --media-url URL (served by this daemon's listener) or --media-store s3://BUCKET/PREFIX (an object store); neither is set"
         );
     }
 
@@ -405,7 +405,7 @@ mod tests {
             problems(&text),
             vec![
                 "line 3: column -: the row is longer than 1048576 bytes (is a quote left open?)",
-                "line 5: column audio_url: \"bad\" is not an http or https URL (local paths are checked only against a media root)",
+                "line 5: column audio_url: \"bad\" is not an http or https URL, and local files can only be sent to the API once published: set --media-url URL (served by this daemon's listener) or --media-store s3://BUCKET/PREFIX (an object store); neither is set",
             ]
         );
     }

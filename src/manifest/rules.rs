@@ -713,7 +713,7 @@ mod tests {
         let cases = [
             (
                 "a.mp3",
-                "\"a.mp3\" is not an http or https URL (local paths are checked only against a media root)",
+                "\"a.mp3\" is not an http or https URL, and local files can only be sent to the API once published: set --media-url URL (served by this daemon's listener) or --media-store s3://BUCKET/PREFIX (an object store); neither is set",
             ),
             (
                 "ftp://x.test/a.mp3",
@@ -748,7 +748,7 @@ mod tests {
         summary(with_column("mask_url", " ").as_bytes());
         assert_eq!(
             one_problem(with_column("mask_url", "mask.png").as_bytes()),
-            "line 2: column mask_url: \"mask.png\" is not an http or https URL (local paths are checked only against a media root)"
+            "line 2: column mask_url: \"mask.png\" is not an http or https URL, and local files can only be sent to the API once published: set --media-url URL (served by this daemon's listener) or --media-store s3://BUCKET/PREFIX (an object store); neither is set"
         );
     }
 

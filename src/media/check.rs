@@ -18,7 +18,7 @@ pub(super) const CACHE_ENTRIES: usize = 4096;
 
 /// The local-media side of validating one manifest.
 pub struct MediaCheck {
-    settings: Option<MediaSettings>,
+    settings: MediaSettings,
     /// Opened at the first local cell; an error is reported once.
     root: Option<Result<MediaRoot, ()>>,
     state_dir: Option<PathBuf>,
@@ -32,11 +32,11 @@ pub struct MediaCheck {
 }
 
 impl MediaCheck {
-    /// No media settings: every local path is a problem (library callers
-    /// that validate a manifest on its own, e.g. benchmarks).
+    /// No media settings (library callers that validate a manifest on its
+    /// own, e.g. benchmarks): as a daemon with neither publishing flag.
     pub fn off() -> MediaCheck {
         MediaCheck {
-            settings: None,
+            settings: MediaSettings::default(),
             root: None,
             state_dir: None,
             table: None,
@@ -50,7 +50,7 @@ impl MediaCheck {
     /// Checks local files as `run` would, recording nothing (`validate`).
     pub fn new(settings: &MediaSettings) -> MediaCheck {
         MediaCheck {
-            settings: Some(settings.clone()),
+            settings: settings.clone(),
             ..MediaCheck::off()
         }
     }
@@ -73,15 +73,15 @@ impl MediaCheck {
     /// found is handed to `report` (a message without line or column).
     pub fn check(&mut self, row: u64, column: Column, cell: &str, report: &mut dyn FnMut(String)) {
         self.local_cells += 1;
-        let Some(settings) = &self.settings else {
-            report(format!(
-                "{cell:?} is not an http or https URL (local paths are checked only against a media root)"
-            ));
+        let settings = &self.settings;
+        if !settings.publishing.is_on() {
+            // Nothing local can be sent: say so once, with both ways out,
+            // rather than a line about each file.
+            if !self.unpublished_reported {
+                self.unpublished_reported = true;
+                report(format!("{cell:?} {UNPUBLISHED_MESSAGE}"));
+            }
             return;
-        };
-        if !settings.publishing.is_on() && !self.unpublished_reported {
-            self.unpublished_reported = true;
-            report(format!("{cell:?} {UNPUBLISHED_MESSAGE}"));
         }
         if self.root.is_none() {
             match MediaRoot::open(&settings.root) {

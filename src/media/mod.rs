@@ -159,9 +159,9 @@ impl MediaSettings {
 
 /// The text of the problem of a manifest with local files and no way to
 /// publish them: names both flags (contract, "Local media").
-pub const UNPUBLISHED_MESSAGE: &str = "names a local file, but local files can only be sent \
-     to the API once published: set --media-url URL (served by this daemon's listener) or \
-     --media-store s3://BUCKET/PREFIX (an object store); neither is set";
+pub const UNPUBLISHED_MESSAGE: &str = "is not an http or https URL, and local files can only \
+     be sent to the API once published: set --media-url URL (served by this daemon's listener) \
+     or --media-store s3://BUCKET/PREFIX (an object store); neither is set";
 
 /// Why a local media file cannot be used.
 #[derive(Debug, thiserror::Error)]
