@@ -190,9 +190,12 @@ pub(crate) async fn check(
         Err(r) => return bad(StatusCode::BAD_REQUEST, &r.body_text()),
     };
     let (drops, store, f2) = (c.drops.clone(), c.engine.store.clone(), file.clone());
+    let media = c.engine.settings.media.clone();
     let staged = tokio::task::spawn_blocking(move || {
         let (token, path) = drops.stage(&f2, &body)?;
-        let validated = manifest::validate_path(&path);
+        // Local files are checked as ingest will check them.
+        let validated =
+            manifest::validate_path_with(&path, &mut crate::media::MediaCheck::new(&media));
         let duplicate = match &validated {
             Ok(summary) => store.batch_with_hash(&summary.sha256).ok().flatten(),
             Err(_) => None,
@@ -241,6 +244,7 @@ pub(crate) async fn check(
                 &c.engine.settings.defaults,
                 &c.engine.prober,
                 crate::probe::DEFAULT_PROBES_IN_FLIGHT,
+                &c.engine.settings.media.root,
             ),
         )
         .await;

@@ -163,6 +163,16 @@ pub fn validate_path(path: &Path) -> Result<Summary, ManifestError> {
     validate_reader(file, path)
 }
 
+/// [`validate_path`] with local files checked by `media` (see
+/// [`crate::media::MediaCheck`]), as the daemon checks them.
+pub fn validate_path_with(path: &Path, media: &mut MediaCheck) -> Result<Summary, ManifestError> {
+    let file = File::open(path).map_err(|source| ManifestError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    validate_reader_with(file, path, media)
+}
+
 /// [`validate_path`] on an open handle (`path` names it in errors): the
 /// daemon reads an inbox file only through the handle it checked.
 pub fn validate_reader(file: impl Read, path: &Path) -> Result<Summary, ManifestError> {
