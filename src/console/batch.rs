@@ -14,7 +14,7 @@ use tower::ServiceExt;
 use super::Console;
 use super::monitor::BatchView;
 use super::pages::safe_name;
-use super::view::{self, duration, progress, region, time, usd};
+use super::view::{self, duration, progress, region, seg, time, usd};
 use crate::manifest::ManifestRow;
 use crate::store::{BatchPhase, BatchRecord, RowFilter, RowRecord, RowState};
 
@@ -95,7 +95,7 @@ pub(crate) async fn page(
     let key = format!("batch:{}", batch.name);
     let live = published.regions.get(&key).map_or("", String::as_str);
     let per_row = c.engine.settings.defaults.resolution.cost_usd(0.0);
-    let base = format!("/batches/{}", batch.name);
+    let base = format!("/batches/{}", seg(&batch.name));
     view::page(
         &batch.name,
         c.engine.settings.simulate,
@@ -303,7 +303,7 @@ fn table(batch: &str, lines: &[Line]) -> Markup {
                             @let r = l.record.as_ref();
                             tr data-row-id=(l.id) {
                                 td.num { (l.row) }
-                                th scope="row" { a href=(format!("/batches/{batch}/rows/{}", l.id)) { (l.id) } }
+                                th scope="row" { a href=(format!("/batches/{}/rows/{}", seg(batch), seg(&l.id))) { (l.id) } }
                                 td { span.(format!("st st-{}", l.state.as_str())) { (l.state.as_str()) } }
                                 td.mono { (r.and_then(|r| r.task_id.as_deref()).unwrap_or("")) }
                                 td { (r.and_then(|r| r.fail_code.as_deref()).unwrap_or("")) }
@@ -323,7 +323,7 @@ fn pager(base: &str, q: &PageQuery, lines: &[Line], total: u64) -> Markup {
     }
     let mut params = String::new();
     if let Some(s) = q.state.as_deref().filter(|s| !s.is_empty()) {
-        params.push_str(&format!("&state={s}"));
+        params.push_str(&format!("&state={}", seg(s)));
     }
     if let Some(c) = q.code.as_deref().filter(|s| !s.is_empty()) {
         params.push_str(&format!(

@@ -5,7 +5,7 @@ use axum::response::Response;
 use maud::html;
 
 use super::Console;
-use super::view::{self, duration, time, usd};
+use super::view::{self, duration, seg, time, usd};
 use crate::manifest::ManifestRow;
 use crate::store::{BatchRecord, RowRecord, RowState};
 
@@ -31,7 +31,7 @@ pub(crate) fn render(
         &format!("{name} / {}", m.id),
         c.engine.settings.simulate,
         html! {
-            p.crumbs { a href="/" { "Overview" } " › " a href=(format!("/batches/{name}")) { (name) } " › " (m.id) }
+            p.crumbs { a href="/" { "Overview" } " › " a href=(format!("/batches/{}", seg(name))) { (name) } " › " (m.id) }
             h1 { "Row " (m.id) }
             dl.facts {
                 dt { "State" } dd { span.(format!("st st-{}", state.as_str())) #row-state { (state.as_str()) } }
@@ -73,10 +73,10 @@ pub(crate) fn render(
                 h2 { "Video" }
                 @for (i, file) in outputs.iter().enumerate() {
                     figure {
-                        video #(format!("video-{i}")) controls preload="metadata" src=(format!("/batches/{name}/files/{file}")) {
-                            "Your browser cannot play this video: " a href=(format!("/batches/{name}/files/{file}")) { "download it" }
+                        video #(format!("video-{i}")) controls preload="metadata" src=(format!("/batches/{}/files/{}", seg(name), seg(file))) {
+                            "Your browser cannot play this video: " a href=(format!("/batches/{}/files/{}", seg(name), seg(file))) { "download it" }
                         }
-                        figcaption { a href=(format!("/batches/{name}/files/{file}")) { (file) } }
+                        figcaption { a href=(format!("/batches/{}/files/{}", seg(name), seg(file))) { (file) } }
                     }
                 }
             }

@@ -10,7 +10,7 @@ use maud::{Markup, html};
 
 use super::Console;
 use super::monitor::{BatchView, Event, Overview, Rejected};
-use super::view::{self, duration, progress, region, time, usd};
+use super::view::{self, duration, progress, region, seg, time, usd};
 use crate::status::BatchStatus;
 use crate::store::BatchPhase;
 
@@ -183,7 +183,7 @@ fn batch_row(b: &BatchView) -> Markup {
     let s = &b.status;
     html! {
         tr data-batch=(s.name) {
-            th scope="row" { a href=(format!("/batches/{}", s.name)) { (s.name) } }
+            th scope="row" { a href=(format!("/batches/{}", seg(&s.name))) { (s.name) } }
             td { (progress(s.done, s.failed, s.total)) span.small { (s.done + s.failed) " / " (s.total) } }
             td.num data-count="queued" { (s.queued) }
             td.num data-count="in_flight" { (s.in_flight) }
@@ -213,7 +213,7 @@ fn rejected_list(rejected: &[Rejected], limit: usize) -> Markup {
         @if rejected.is_empty() { p.empty { "None." } }
         ul.rejected {
             @for r in rejected.iter().take(limit) {
-                li { a href=(format!("/rejected/{}", r.file)) { (r.file) } " " time { (time(r.at_ms)) } }
+                li { a href=(format!("/rejected/{}", seg(&r.file))) { (r.file) } " " time { (time(r.at_ms)) } }
             }
         }
     }

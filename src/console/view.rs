@@ -79,6 +79,20 @@ pub(crate) fn region(id: &str, html: &str) -> Markup {
     html! { div data-region=(id) { (PreEscaped(html)) } }
 }
 
+/// `text` as one path segment of a URL: batch and file names may hold
+/// spaces, `#`, `?` or `%`.
+pub(crate) fn seg(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 pub(crate) fn usd(v: f64) -> String {
     format!("${v:.2}")
 }
@@ -176,6 +190,8 @@ mod tests {
         assert_eq!(time(0), "1970-01-01 00:00:00");
         assert_eq!(time(1_798_761_600_000), "2027-01-01 00:00:00");
         assert_eq!(time(951_782_400_000 + 3_723_000), "2000-02-29 01:02:03");
+        assert_eq!(seg("a b#1?%.csv"), "a%20b%231%3F%25.csv");
+        assert_eq!(seg("d-0_x.mp4"), "d-0_x.mp4");
         assert_eq!(duration(12), "12s");
         assert_eq!(duration(250), "4m 10s");
         assert_eq!(duration(3900), "1h 05m");
