@@ -506,6 +506,44 @@ async fn search_a_row_in_a_large_batch() {
         facts.as_str().expect("text").contains("77778 / line 77779"),
         "{facts}"
     );
+
+    // An open page reconnects by itself after a daemon restart, and shows
+    // what happens afterwards without a reload.
+    b.goto(&format!("{base}/")).await;
+    b.until(
+        "live",
+        "return document.querySelector('#live').dataset.state === 'live'",
+    )
+    .await;
+    b.js("window.__same_page = true; return true").await;
+    let mut daemon = _daemon;
+    let stopped = Instant::now();
+    assert!(
+        terminate(&mut daemon.0, Duration::from_secs(20)).is_some_and(|s| s.success()),
+        "a graceful stop with a console open"
+    );
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "an open stream does not hold the stop: {:?}",
+        stopped.elapsed()
+    );
+    b.until(
+        "the page sees the daemon gone",
+        "return document.querySelector('#live').dataset.state === 'down'",
+    )
+    .await;
+    let _daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &extra, 1));
+    write_manifest(
+        &dirs.inbox,
+        "after.csv",
+        &rows("a", 2, |_| "sim_audio_seconds=1".into()),
+    );
+    b.until("reconnected and updated", "return document.querySelector('#live').dataset.state === 'live' && !!document.querySelector('tr[data-batch=after]')").await;
+    assert_eq!(
+        b.js("return window.__same_page === true").await,
+        json!(true),
+        "no reload"
+    );
     b.stop().await;
     sim.stop().await;
 }
