@@ -51,7 +51,7 @@ impl Checkpoints {
         let mut read = start_k * STEP;
         let mut found = Vec::new();
         while read < after {
-            let Some((_, pos)) = reader.next_row()? else {
+            let Some((_, _, pos)) = reader.next_id()? else {
                 return Ok(Vec::new());
             };
             read += 1;
@@ -107,24 +107,31 @@ pub(crate) fn search(
     limit: usize,
 ) -> Result<Vec<ManifestRow>, ManifestError> {
     let mut reader = RowReader::open(manifest, None)?;
-    let mut exact = Vec::new();
-    let mut partial = Vec::new();
-    let mut read = 0u64;
-    while let Some((row, _)) = reader.next_row()? {
-        read += 1;
-        if row.id == query {
-            exact.push(row);
+    // Where each match starts, read in full afterwards.
+    let mut exact: Vec<Option<ReadPosition>> = Vec::new();
+    let mut partial: Vec<Option<ReadPosition>> = Vec::new();
+    let mut before: Option<ReadPosition> = None;
+    while let Some((index, id, next)) = reader.next_id()? {
+        if id == query {
+            exact.push(before);
             if exact.len() >= limit {
                 break;
             }
-        } else if partial.len() < limit && row.id.contains(query) {
-            partial.push(row);
+        } else if partial.len() < limit && id.contains(query) {
+            partial.push(before);
         }
-        if read >= MAX_SEARCH_ROWS {
+        before = Some(next);
+        if index >= MAX_SEARCH_ROWS {
             break;
         }
     }
     exact.extend(partial);
     exact.truncate(limit);
-    Ok(exact)
+    let mut out = Vec::with_capacity(exact.len());
+    for start in exact {
+        if let Some((row, _)) = RowReader::open(manifest, start)?.next_row()? {
+            out.push(row);
+        }
+    }
+    Ok(out)
 }

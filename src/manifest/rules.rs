@@ -155,6 +155,11 @@ impl Columns {
     }
 
     /// Name to cite for cell `i`.
+    /// Cell position of the `id` column, if the header has one.
+    pub(super) fn id_field(&self) -> Option<usize> {
+        self.known_at[Known::Id.slot()]
+    }
+
     fn name(&self, i: usize) -> &str {
         self.names.get(i).map_or(WHOLE_FILE, String::as_str)
     }
