@@ -32,6 +32,9 @@ pub enum PauseReason {
     Unauthorized,
     /// `--max-spend-usd` would be crossed by the next row: only a higher cap resumes.
     SpendCap,
+    /// The object-store outbox refuses writes or cannot be reached: no
+    /// video is paid for that could not be stored.
+    ObjectStore,
 }
 
 impl PauseReason {
@@ -40,6 +43,9 @@ impl PauseReason {
             PauseReason::InsufficientCredits => "insufficient credits",
             PauseReason::Unauthorized => "API key refused (401)",
             PauseReason::SpendCap => "spend cap reached (raise --max-spend-usd to go on)",
+            PauseReason::ObjectStore => {
+                "the object store of the outbox refuses writes or cannot be reached (see the error lines naming the bucket)"
+            }
         }
     }
 }

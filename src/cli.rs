@@ -122,7 +122,7 @@ pub struct RunArgs {
     /// Watched folder for manifests [default: ./inbox].
     #[arg(long, value_name = "DIR")]
     pub inbox: Option<PathBuf>,
-    /// Where results land [default: ./outbox].
+    /// Where results land: a folder, or an object store as s3://BUCKET/PREFIX [default: ./outbox].
     #[arg(long, value_name = "DIR")]
     pub outbox: Option<PathBuf>,
     /// The state database [default: ./state].

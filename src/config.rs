@@ -179,7 +179,11 @@ impl fmt::Debug for ApiKey {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub inbox: PathBuf,
+    /// The local folder the daemon writes results into: the outbox itself,
+    /// or with an object-store outbox its staging folder under the state.
     pub outbox: PathBuf,
+    /// `--outbox s3://bucket/prefix`: where results are published.
+    pub outbox_store: Option<crate::outbox::StoreTarget>,
     pub state: PathBuf,
     pub api_base: String,
     /// `None` only with `simulate`.
@@ -440,18 +444,24 @@ impl Settings {
         }
         let max_downloads = file.max_downloads.unwrap_or(8);
         positive("max-downloads", max_downloads)?;
-        Ok(Settings {
-            inbox,
-            outbox: args
+        let state: PathBuf = args
+            .state
+            .clone()
+            .or(file.state)
+            .unwrap_or_else(|| "state".into());
+        let (outbox, outbox_store) = resolve_outbox(
+            &args
                 .outbox
                 .clone()
                 .or(file.outbox)
                 .unwrap_or_else(|| "outbox".into()),
-            state: args
-                .state
-                .clone()
-                .or(file.state)
-                .unwrap_or_else(|| "state".into()),
+            &state,
+        )?;
+        Ok(Settings {
+            inbox,
+            outbox,
+            outbox_store,
+            state,
             api_base,
             api_key,
             max_concurrent,
@@ -535,6 +545,26 @@ pub fn media_settings(
         None => Publishing::Off,
     };
     Ok(MediaSettings { root, publishing })
+}
+
+/// `--outbox` as given → (the local folder results are written into, the
+/// object store they are published to). An `s3://` outbox writes into
+/// `STATE/outbox` and publishes from there.
+pub fn resolve_outbox(
+    outbox: &Path,
+    state: &Path,
+) -> Result<(PathBuf, Option<crate::outbox::StoreTarget>), ConfigError> {
+    let Some(text) = outbox.to_str() else {
+        return Ok((outbox.to_owned(), None));
+    };
+    match crate::outbox::StoreTarget::parse(text) {
+        None => Ok((outbox.to_owned(), None)),
+        Some(Ok(target)) => Ok((crate::outbox::staging_dir(state), Some(target))),
+        Some(Err(message)) => Err(ConfigError::Invalid {
+            key: "outbox",
+            message,
+        }),
+    }
 }
 
 pub fn default_listen() -> SocketAddr {

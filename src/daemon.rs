@@ -1,6 +1,7 @@
 //! `run`: wires the store, the engine's loops, the inbox watcher and the
 //! listener together, and stops them all within `--stop-timeout`.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -48,6 +49,9 @@ pub enum DaemonError {
     Inbox(#[from] inbox::InboxError),
     #[error("a background task failed: {0}")]
     Join(String),
+    /// The object-store outbox cannot be configured (never a credential's value).
+    #[error("outbox: {0}")]
+    Outbox(String),
     /// A worker failed too often to go on; systemd should restart us.
     #[error(transparent)]
     GaveUp(GaveUp),
@@ -92,11 +96,17 @@ pub async fn serve(
         tracing::warn!("{warning}");
     }
     let settings = Arc::new(settings);
-    for dir in [&settings.inbox, &settings.outbox] {
+    let folder = |dir: &PathBuf| {
         std::fs::create_dir_all(dir).map_err(|source| DaemonError::Folder {
             path: dir.clone(),
             source,
-        })?;
+        })
+    };
+    folder(&settings.inbox)?;
+    // An object-store outbox's staging folder lives under the state folder:
+    // made once the store has opened (and versioned) it.
+    if settings.outbox_store.is_none() {
+        folder(&settings.outbox)?;
     }
     let listen_addr = listener.local_addr().unwrap_or(settings.listen);
     let listen_err = |source| DaemonError::Listen {
@@ -117,6 +127,9 @@ pub async fn serve(
     let store = tokio::task::spawn_blocking(move || Store::open(&state_dir))
         .await
         .map_err(|e| DaemonError::Join(e.to_string()))??;
+    if settings.outbox_store.is_some() {
+        folder(&settings.outbox)?;
+    }
     // A simulated run's spend is kept apart: never counted as real money.
     store.set_simulated_spend(settings.simulate);
     let admin_token = {
@@ -172,12 +185,23 @@ pub async fn serve(
     let mut registry = Registry::default();
     metrics.register(&mut registry);
 
+    let outbox = match &settings.outbox_store {
+        None => crate::outbox::Outbox::Local,
+        Some(target) => {
+            let vars = std::env::vars().filter(|(k, _)| k.starts_with("AWS_"));
+            let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            let s3 = crate::outbox::S3Outbox::build(target.clone(), vars, credentials.as_deref())
+                .map_err(DaemonError::Outbox)?;
+            crate::outbox::Outbox::S3(Arc::new(s3))
+        }
+    };
     let (engine, inboxes) = Engine::new(
         store.clone(),
         api,
         http,
         settings.clone(),
         folders.clone(),
+        outbox,
         metrics.clone(),
         callback_url,
         crate::media::Publisher::new(&settings.state, &settings.media.publishing, &secret),
@@ -190,6 +214,14 @@ pub async fn serve(
             .map_err(|e| DaemonError::Join(e.to_string()))??
     };
 
+    // Before any row is submitted: a store that refuses writes pauses
+    // submission from the start (and says so, naming the bucket).
+    if crate::outbox::health::check(&engine).await && engine.outbox.store().is_some() {
+        tracing::info!(outbox = ?settings.outbox_store.as_ref().map(ToString::to_string), "the outbox's object store takes writes");
+    }
+    engine
+        .tracker
+        .spawn(crate::outbox::health::health_worker(engine.clone()));
     let sup = Supervisor::new(front_stop.clone(), metrics);
     spawn_workers(&sup, &engine, &inboxes);
     {

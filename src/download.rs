@@ -43,6 +43,10 @@ pub(crate) enum DownloadError {
     /// The server announces a video larger than `max-video-bytes`.
     #[error("the video is {announced} bytes, over max-video-bytes ({max})")]
     TooLarge { announced: u64, max: u64 },
+    /// The object-store outbox refused the file or could not be reached:
+    /// never a reason to fail the row (it waits; submission pauses).
+    #[error(transparent)]
+    Outbox(#[from] crate::outbox::OutboxError),
     /// Writing the file failed (disk full, permissions).
     #[error("writing {path}: {source}")]
     Disk {
@@ -142,6 +146,7 @@ fn start(engine: &Arc<Engine>, slots: &Arc<Semaphore>, key: RowKey) {
 async fn download_row(engine: &Arc<Engine>, key: RowKey) {
     let batch = engine.batch_name(key.batch);
     let mut attempt = 0u32;
+    let mut store_attempt = 0u32;
     let mut just_refreshed = false;
     loop {
         let record = match engine.store.call(move |s| s.live_row(key)).await {
@@ -174,6 +179,21 @@ async fn download_row(engine: &Arc<Engine>, key: RowKey) {
                     tracing::error!(batch = %batch, row = %record.id, error = %se, "cannot record a failed download");
                 }
                 return;
+            }
+            Err(DownloadError::Outbox(e)) => {
+                // The video is safe (on the API's side, or in the transfer
+                // file); only the store is missing. Not counted against
+                // `download_give_up`: the row waits for the store.
+                store_attempt += 1;
+                engine.object_store_down();
+                engine.metrics.request("upload", "failed");
+                let wait = backoff(
+                    store_attempt,
+                    Duration::from_secs(1),
+                    Duration::from_secs(60),
+                );
+                tracing::error!(batch = %batch, row = %record.id, error = %e, retry_in = ?wait, "cannot store the video; the row waits and submission pauses");
+                tokio::time::sleep(wait).await;
             }
             Err(DownloadError::Cut { written, reason }) => {
                 // Progress was made: resume from the `.part` file soon, and
@@ -279,6 +299,14 @@ async fn fetch_all(
     let mut outputs = Vec::with_capacity(record.result_urls.len());
     for (i, url) in record.result_urls.iter().enumerate() {
         let name = output_name(&record.id, i);
+        if let Some(s3) = engine.outbox.store() {
+            if !record.owns_file(&name, &task_id) {
+                crate::outbox::transfer::store_one(engine, s3, key, batch, &task_id, &name, url)
+                    .await?;
+            }
+            outputs.push(name);
+            continue;
+        }
         let dest = dir.join(&name);
         // Only a file recorded as this task's output is taken as done.
         let present = tokio::fs::symlink_metadata(&dest)
@@ -402,6 +430,21 @@ async fn fetch_into(
             return Err(DownloadError::Expired(status));
         }
         416 => {
+            // The part file may already hold the whole file (a stop came
+            // between its last byte and its rename): the server says how
+            // long the file is (`bytes */TOTAL`), and then it is taken
+            // rather than downloaded a second time.
+            let total = resp
+                .headers()
+                .get(reqwest::header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().strip_prefix("bytes */"))
+                .and_then(|t| t.trim().parse::<u64>().ok());
+            if have > 0 && total == Some(have) && have <= max {
+                take_part(part, dest).await?;
+                engine.metrics.request("download", "ok");
+                return Ok(());
+            }
             // Our partial file is not a prefix of this one: start over.
             let _ = tokio::fs::remove_file(part).await;
             return Err(DownloadError::Transient(
@@ -511,19 +554,35 @@ async fn fetch_into(
             "got {written} of {total} bytes"
         )));
     }
-    tokio::fs::rename(part, dest)
+    rename_part(part, dest)?;
+    engine.metrics.request("download", "ok");
+    Ok(())
+}
+
+/// A part file found whole: made durable, then renamed into place.
+async fn take_part(part: &Path, dest: &Path) -> Result<(), DownloadError> {
+    let file = open_part(part, true).await?;
+    file.sync_all()
         .await
         .map_err(|source| DownloadError::Disk {
-            path: dest.to_owned(),
+            path: part.to_owned(),
             source,
         })?;
+    drop(file);
+    rename_part(part, dest)
+}
+
+fn rename_part(part: &Path, dest: &Path) -> Result<(), DownloadError> {
+    std::fs::rename(part, dest).map_err(|source| DownloadError::Disk {
+        path: dest.to_owned(),
+        source,
+    })?;
     if let Some(dir) = dest.parent() {
         fsutil::sync_dir(dir).map_err(|source| DownloadError::Disk {
             path: dir.to_owned(),
             source,
         })?;
     }
-    engine.metrics.request("download", "ok");
     Ok(())
 }
 

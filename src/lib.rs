@@ -16,6 +16,7 @@
 //! - [`dispatch`]: pacing (request budget, concurrency slots), submitting and polling.
 //! - [`download`]: fetching result videos into the outbox.
 //! - [`results`]: `results.csv` when a batch ends.
+//! - [`outbox`]: the outbox, a local folder or an object store (`s3://`).
 //! - [`listener`]: `/status`, `/metrics` and callbacks over HTTP.
 //! - [`console`]: the browser console on `/` (pages, live updates, the
 //!   manifest drop).
@@ -49,6 +50,7 @@ pub mod manage;
 pub mod manifest;
 pub mod media;
 mod metrics;
+pub mod outbox;
 pub mod probe;
 mod results;
 pub mod simulator;

@@ -454,13 +454,23 @@ async fn manage_batch(args: DaemonArgs, batch: String, action: Action) -> ExitCo
         None => FileSettings::default(),
     };
     let listen = args.listen.or(file.listen).unwrap_or_else(default_listen);
+    let state = args.state.or(file.state).unwrap_or_else(|| "state".into());
+    let outbox = args
+        .outbox
+        .or(file.outbox)
+        .unwrap_or_else(|| "outbox".into());
+    // An `s3://` outbox: the daemon's local working folder under the state.
+    let (outbox, in_store) = match infinitetalk_batch::config::resolve_outbox(&outbox, &state) {
+        Ok((local, store)) => (local, store.is_some()),
+        Err(e) => {
+            eprintln!("infinitetalk-batch {what}: {e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     let folders = infinitetalk_batch::ingest::Folders::new(
         file.inbox.unwrap_or_else(|| "inbox".into()),
-        args.outbox
-            .or(file.outbox)
-            .unwrap_or_else(|| "outbox".into()),
+        outbox,
     );
-    let state = args.state.or(file.state).unwrap_or_else(|| "state".into());
     let Ok(client) = reqwest::Client::builder()
         .timeout(Duration::from_secs(600))
         .connect_timeout(Duration::from_secs(3))
@@ -518,8 +528,12 @@ async fn manage_batch(args: DaemonArgs, batch: String, action: Action) -> ExitCo
                     Action::Cancel => {
                         let out =
                             manage::cancel(&store, &folders, &batch2).map_err(|e| e.to_string())?;
-                        manage::finish_offline(&store, &folders, &batch2)
-                            .map_err(|e| e.to_string())?;
+                        // An object-store outbox is published by the daemon:
+                        // the batch stays for its finisher at the next start.
+                        if !in_store {
+                            manage::finish_offline(&store, &folders, &batch2)
+                                .map_err(|e| e.to_string())?;
+                        }
                         json(serde_json::to_string(&out))?
                     }
                     Action::Pause | Action::Resume => {

@@ -16,6 +16,9 @@ use crate::store::{BatchPhase, BatchRecord, BatchSeq, RowRecord, Store, StoreErr
 use crate::supervisor::Beat;
 
 pub(crate) const RESULTS_NAME: &str = "results.csv";
+/// Wait before publishing a finished batch's files again after the object
+/// store refused them.
+const PUBLISH_RETRY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Columns added after the manifest's, in this order.
 pub(crate) const RESULT_COLUMNS: [&str; 7] = [
     "state",
@@ -234,23 +237,68 @@ async fn finish(engine: &Engine, seq: BatchSeq) {
     let store = engine.store.clone();
     let folders = engine.folders.clone();
     let b = batch.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        let path = write_results(&store, &folders, &b)?;
-        store.finish_batch(b.seq)?;
+    let written = tokio::task::spawn_blocking(move || write_results(&store, &folders, &b)).await;
+    let path = match written {
+        Ok(Ok(path)) => path,
+        Ok(Err(e)) => {
+            tracing::error!(batch = %batch.name, error = %e, "cannot write results.csv; will retry when a row changes or at the next start");
+            return;
+        }
+        Err(e) => {
+            tracing::error!(batch = %batch.name, error = %e, "results writer panicked");
+            return;
+        }
+    };
+    // An object-store outbox gets manifest.csv, then results.csv, before
+    // the batch counts as finished: a crash before then publishes again.
+    let dir = engine.folders.batch_dir(&batch.name);
+    if let Err(e) = engine
+        .outbox
+        .publish_batch_files(&batch.name, &dir, &path)
+        .await
+    {
+        engine.object_store_down();
+        tracing::error!(batch = %batch.name, error = %e, retry_in = ?PUBLISH_RETRY, "cannot publish results.csv; will retry");
+        let (tx, stop) = (engine.finished.clone(), engine.shutdown.clone());
+        engine.tracker.spawn(async move {
+            tokio::select! {
+                () = stop.cancelled() => {}
+                () = tokio::time::sleep(PUBLISH_RETRY) => { let _ = tx.send(seq); }
+            }
+        });
+        return;
+    }
+    let published = engine.outbox.store().map(|s3| {
+        engine.object_store_up();
+        s3.key(&batch.name, RESULTS_NAME)
+    });
+    if published.is_some() {
+        // Published: the staging copy of results.csv and any transfer left
+        // by a task that ended without its files have served.
+        crate::outbox::transfer::clean_batch(&engine.settings.state, &batch.name).await;
+        let _ = tokio::fs::remove_file(&path).await;
+    }
+    let store = engine.store.clone();
+    let finished = tokio::task::spawn_blocking(move || {
+        store.finish_batch(seq)?;
         store.flush_blocking()?;
-        Ok::<_, ResultsError>(path)
+        Ok::<_, ResultsError>(())
     })
     .await;
-    match written {
-        Ok(Ok(path)) => {
+    match finished {
+        Ok(Ok(())) => {
             engine.progress.forget(batch.seq);
+            let results = match (&published, engine.outbox.store()) {
+                (Some(key), Some(s3)) => format!("s3://{}/{key}", s3.target.bucket),
+                _ => path.display().to_string(),
+            };
             tracing::info!(
                 batch = %batch.name, done = batch.counts.done, failed = batch.counts.failed,
-                results = %path.display(), "batch finished"
+                results = %results, "batch finished"
             );
         }
         Ok(Err(e)) => {
-            tracing::error!(batch = %batch.name, error = %e, "cannot write results.csv; will retry when a row changes or at the next start")
+            tracing::error!(batch = %batch.name, error = %e, "cannot record the batch as finished; will retry when a row changes or at the next start")
         }
         Err(e) => tracing::error!(batch = %batch.name, error = %e, "results writer panicked"),
     }

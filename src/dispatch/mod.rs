@@ -56,6 +56,8 @@ pub struct Engine {
     pub slots: Arc<Semaphore>,
     pub settings: Arc<Settings>,
     pub folders: Folders,
+    /// Where finished files are published (a local folder or an object store).
+    pub outbox: crate::outbox::Outbox,
     pub metrics: Arc<Metrics>,
     /// Why submission is paused, if it is.
     pub pause: watch::Sender<Option<PauseReason>>,
@@ -118,6 +120,7 @@ impl Engine {
         http: reqwest::Client,
         settings: Arc<Settings>,
         folders: Folders,
+        outbox: crate::outbox::Outbox,
         metrics: Arc<Metrics>,
         callback_url: Option<String>,
         media: Arc<crate::media::Publisher>,
@@ -140,6 +143,7 @@ impl Engine {
             api,
             http: http.clone(),
             folders,
+            outbox,
             metrics,
             pause: watch::channel(None).0,
             work: Notify::new(),
@@ -263,6 +267,12 @@ impl Engine {
 
     fn set_pause(&self, reason: PauseReason) {
         let changed = self.pause.send_if_modified(|p| {
+            // The store being down outranks what the API says: only the
+            // store coming back ends that pause (a probe by submitting a
+            // row would pay for a video that cannot be kept).
+            if *p == Some(PauseReason::ObjectStore) && reason != PauseReason::SpendCap {
+                return false;
+            }
             let changed = *p != Some(reason);
             *p = Some(reason);
             changed
@@ -279,7 +289,7 @@ impl Engine {
     fn clear_pause(&self) {
         let mut was = None;
         self.pause.send_if_modified(|p| {
-            if p.is_some() && *p != Some(PauseReason::SpendCap) {
+            if p.is_some() && !matches!(p, Some(PauseReason::SpendCap | PauseReason::ObjectStore)) {
                 was = p.take();
                 true
             } else {
@@ -291,6 +301,37 @@ impl Engine {
                 was = reason.as_str(),
                 "submission resumed: the API accepts again"
             );
+        }
+    }
+
+    /// The object store refused or could not be reached: submission
+    /// pauses until it takes writes again (see `outbox::health_worker`).
+    pub fn object_store_down(&self) {
+        let changed = self.pause.send_if_modified(|p| {
+            let changed = *p != Some(PauseReason::ObjectStore);
+            *p = Some(PauseReason::ObjectStore);
+            changed
+        });
+        if changed {
+            tracing::warn!(
+                reason = PauseReason::ObjectStore.as_str(),
+                "submission paused; rows stay queued, finished videos wait to be stored"
+            );
+        }
+    }
+
+    /// The object store took a write: a pause for it ends.
+    pub fn object_store_up(&self) {
+        let cleared = self.pause.send_if_modified(|p| {
+            if *p == Some(PauseReason::ObjectStore) {
+                *p = None;
+                true
+            } else {
+                false
+            }
+        });
+        if cleared {
+            tracing::info!("submission resumed: the object store takes writes again");
         }
     }
 

@@ -78,6 +78,17 @@ impl Submitter {
                 }
                 continue;
             }
+            if engine.paused() == Some(PauseReason::ObjectStore) {
+                // Only the store coming back helps (`outbox::health_worker`
+                // probes it); a row submitted now would be paid for and
+                // its video could not be kept.
+                let mut pause = engine.pause.subscribe();
+                let changed = tokio::time::timeout(Duration::from_secs(1), pause.changed());
+                if self.beat.wait(&engine.shutdown, changed).await.is_none() {
+                    break;
+                }
+                continue;
+            }
             let probing = engine.paused().is_some();
             if probing {
                 // Paused: try one row now and then; its answer decides.

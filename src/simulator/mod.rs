@@ -385,6 +385,11 @@ impl SimHandle {
         self.shared.tasks()
     }
 
+    /// Download requests of result file `index` of `task_id` so far.
+    pub fn downloads_of(&self, task_id: &str, index: usize) -> u64 {
+        self.shared.downloads_of(task_id, index)
+    }
+
     /// Resolves when the server, its connections, callbacks and timers have
     /// stopped (after the shutdown token was cancelled).
     pub async fn stopped(self) {

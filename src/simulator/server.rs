@@ -362,6 +362,7 @@ async fn download(
     else {
         return envelope(404, "no such file");
     };
+    shared.count_download(&task_id, index);
     let token = query.as_deref().and_then(|q| {
         url::form_urlencoded::parse(q.as_bytes())
             .find(|(k, _)| k == "token")

@@ -161,6 +161,9 @@ struct Inner {
     /// End instants of unfinished tasks, earliest first.
     unfinished: BinaryHeap<Reverse<Instant>>,
     pairs: HashMap<(Vec<String>, String), u64>,
+    /// Download requests per result file (`task id`, index), so tests can
+    /// tell that a stored file was never fetched again.
+    downloads: HashMap<(String, usize), u64>,
     stats: SimStats,
     faults: Faults,
     rng: StdRng,
@@ -292,6 +295,7 @@ impl Shared {
             window: VecDeque::new(),
             unfinished: BinaryHeap::new(),
             pairs: HashMap::new(),
+            downloads: HashMap::new(),
             stats: SimStats::default(),
             faults: args.faults.clone(),
             rng,
@@ -615,6 +619,24 @@ impl Shared {
     }
 
     /// The bytes of result file `index` if the task has succeeded and has it.
+    /// Counts a download request of file `index` of `task_id`.
+    pub(super) fn count_download(&self, task_id: &str, index: usize) {
+        *self
+            .lock()
+            .downloads
+            .entry((task_id.to_owned(), index))
+            .or_insert(0) += 1;
+    }
+
+    /// Download requests of file `index` of `task_id` so far.
+    pub(super) fn downloads_of(&self, task_id: &str, index: usize) -> u64 {
+        self.lock()
+            .downloads
+            .get(&(task_id.to_owned(), index))
+            .copied()
+            .unwrap_or(0)
+    }
+
     pub(super) fn result_bytes(&self, task_id: &str, index: usize) -> Option<Vec<u8>> {
         let now = Instant::now();
         let (results, pad) = {

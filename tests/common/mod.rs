@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod s3;
+
 use infinitetalk_batch::simulator::{self, SimArgs, SimHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -300,4 +302,49 @@ pub async fn wait_results(dirs: &Dirs, batch: &str, limit: Duration) -> bool {
     wait_for(limit, || path.exists().then_some(()))
         .await
         .is_some()
+}
+
+/// Starts the real daemon with `--outbox URL` (an object store) and `env`
+/// (the `AWS_*` variables), the inbox and state of `dirs`.
+pub fn spawn_s3_daemon(
+    dirs: &Dirs,
+    api_base: &str,
+    listen: SocketAddr,
+    outbox: &str,
+    extra: &[&str],
+    log_n: usize,
+    env: &[(&'static str, String)],
+) -> std::process::Child {
+    let log = std::fs::File::create(dirs.log_path(log_n)).expect("log file");
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--inbox")
+        .arg(&dirs.inbox)
+        .arg("--outbox")
+        .arg(outbox)
+        .arg("--state")
+        .arg(&dirs.state)
+        .arg("--api-base")
+        .arg(api_base)
+        .arg("--listen")
+        .arg(listen.to_string())
+        .args(extra)
+        .env("APIXO_API_KEY", KEY)
+        .env_remove("APIXO_API_BASE")
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::from(log));
+    // Only what the test gives: no AWS_* of the machine running the tests.
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AWS_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    cmd.spawn().expect("daemon starts")
 }

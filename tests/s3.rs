@@ -1,0 +1,447 @@
+//! Object storage against a real S3-protocol server (s3s-fs behind s3s's
+//! SigV4 checks, in this process on 127.0.0.1:0): the server itself refuses
+//! what it must, an `s3://` outbox receives every video whole and
+//! `results.csv` last, a `kill -9` during uploads leaves no partial object
+//! and downloads nothing twice, and wrong credentials pause without losing
+//! anything.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::s3::{S3Server, get_bytes};
+use common::*;
+use object_store::ObjectStoreExt;
+use object_store::path::Path as ObjectPath;
+use object_store::signer::Signer;
+
+const BUCKET: &str = "talk-out";
+const PREFIX: &str = "runs/nov";
+
+fn outbox_url() -> String {
+    format!("s3://{BUCKET}/{PREFIX}")
+}
+
+/// Waits for `key` to exist on the server.
+async fn wait_object(server: &S3Server, key: &str, limit: Duration) -> bool {
+    let file = server.object_file(key);
+    wait_for(limit, || file.exists().then_some(()))
+        .await
+        .is_some()
+}
+
+/// Checks every row of the batch's results.csv in the store against the
+/// simulator: each `done` row's objects hold exactly the bytes served.
+async fn check_store_against_sim(
+    server: &S3Server,
+    batch: &str,
+    sim: &Sim,
+) -> Vec<HashMap<String, String>> {
+    let client = server.client();
+    let text = get_bytes(&client, &format!("{PREFIX}/{batch}/results.csv")).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let local = dir.path().join("results.csv");
+    std::fs::write(&local, &text).expect("write results copy");
+    let results = read_results(&local);
+    let tasks: HashMap<String, infinitetalk_batch::simulator::TaskInfo> = sim
+        .handle
+        .tasks()
+        .into_iter()
+        .map(|t| (t.task_id.clone(), t))
+        .collect();
+    for row in &results {
+        let id = &row["id"];
+        assert_eq!(row["state"], "done", "row {id}: {row:?}");
+        let task = &tasks[&row["task_id"]];
+        let outputs: Vec<&str> = row["output"].split(';').collect();
+        assert_eq!(outputs.len(), task.results.len(), "row {id}");
+        for (file, expected) in outputs.iter().zip(&task.results) {
+            assert!(
+                !file.contains('?') && !file.contains("X-Amz"),
+                "row {id}: output names the object, not a URL: {file}"
+            );
+            let bytes = get_bytes(&client, &format!("{PREFIX}/{batch}/{file}")).await;
+            assert_eq!(
+                infinitetalk_batch::simulator::sha256_hex(&bytes),
+                expected.sha256,
+                "row {id}: {file} differs from what was served"
+            );
+        }
+    }
+    results
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_tampered_and_expired_presigned_urls() {
+    let server = S3Server::start(BUCKET).await;
+    let client = server.client();
+    let path = ObjectPath::from("media/portrait.png");
+    client
+        .put(&path, b"portrait bytes".to_vec().into())
+        .await
+        .expect("put with the right key");
+    let http = reqwest::Client::new();
+
+    let url = client
+        .signed_url(reqwest::Method::GET, &path, Duration::from_secs(60))
+        .await
+        .expect("sign");
+    let ok = http.get(url.clone()).send().await.expect("get");
+    assert_eq!(ok.status(), 200);
+    assert_eq!(ok.bytes().await.expect("body").as_ref(), b"portrait bytes");
+
+    // One character of the signature changed.
+    let mut tampered = url.to_string();
+    let at = tampered.find("X-Amz-Signature=").expect("signature") + 16;
+    let c = if &tampered[at..=at] == "0" { "1" } else { "0" };
+    tampered.replace_range(at..=at, c);
+    let refused = http.get(&tampered).send().await.expect("get");
+    assert_eq!(refused.status(), 403, "tampered signature");
+    // Another object under the same signature.
+    let other = url.to_string().replace("portrait.png", "portrait.jpg");
+    let refused = http.get(&other).send().await.expect("get");
+    assert_eq!(refused.status(), 403, "signature of another key");
+
+    // Expired: signed for 1 s, used after 2 s.
+    let short = client
+        .signed_url(reqwest::Method::GET, &path, Duration::from_secs(1))
+        .await
+        .expect("sign");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let expired = http.get(short).send().await.expect("get");
+    assert_eq!(expired.status(), 403, "expired URL");
+    assert!(
+        expired.text().await.unwrap_or_default().contains("expired"),
+        "the server says why"
+    );
+
+    // A client with a wrong secret is refused too.
+    let wrong = server.client_with_secret("not-the-secret");
+    assert!(wrong.head(&path).await.is_err());
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_outbox_gets_every_video_whole_and_results_last() {
+    let sim = Sim::start(fast_sim()).await;
+    let server = S3Server::start(BUCKET).await;
+    let dirs = Dirs::new();
+    let mut rows = rows("s", 8, |_| "sim_audio_seconds=5".to_owned());
+    // One video over one multipart part, one row with two videos.
+    rows[0].2.push_str("&sim_video_bytes=7000000");
+    rows[1].2.push_str("&sim_results=2");
+    write_manifest(&dirs.inbox, "b1.csv", &rows);
+    let listen = free_addr();
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &with_poll(&[]),
+        0,
+        &server.env(),
+    );
+    let results_key = format!("{PREFIX}/b1/results.csv");
+    let finished = wait_object(&server, &results_key, Duration::from_secs(60)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    let log = log_text(&dirs, 0);
+    assert!(finished, "no results.csv in the store; log:\n{log}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    let results = check_store_against_sim(&server, "b1", &sim).await;
+    assert_eq!(results.len(), 8);
+    let objects = server.list(&format!("{PREFIX}/b1")).await;
+    let mut names: Vec<String> = objects
+        .iter()
+        .map(|(k, _)| k.trim_start_matches(&format!("{PREFIX}/b1/")).to_owned())
+        .collect();
+    names.sort();
+    let mut want: Vec<String> = (0..8).map(|i| format!("s{i}.mp4")).collect();
+    want.extend([
+        "s1~2.mp4".to_owned(),
+        "manifest.csv".into(),
+        "results.csv".into(),
+    ]);
+    want.sort();
+    assert_eq!(names, want, "exactly the batch's files, nothing partial");
+    let big = objects
+        .iter()
+        .find(|(k, _)| k.ends_with("/s0.mp4"))
+        .expect("s0");
+    assert!(big.1 >= 7_000_000, "the large video whole: {big:?}");
+    // results.csv came last: no object is newer.
+    let client = server.client();
+    let mut newest_other = None;
+    let mut results_at = None;
+    for (key, _) in &objects {
+        let meta = client
+            .head(&ObjectPath::parse(key).expect("key"))
+            .await
+            .expect("head");
+        if key.ends_with("results.csv") {
+            results_at = Some(meta.last_modified);
+        } else {
+            newest_other = newest_other.max(Some(meta.last_modified));
+        }
+    }
+    assert!(results_at >= newest_other, "results.csv written last");
+    // The manifest in the store is the one dropped in the inbox.
+    let manifest = get_bytes(&client, &format!("{PREFIX}/b1/manifest.csv")).await;
+    assert!(String::from_utf8_lossy(&manifest).starts_with("id,image_url,audio_url,note"));
+    // The local disk kept no video, and no secret reached the log.
+    let local: Vec<String> = files_under_state(&dirs)
+        .into_iter()
+        .filter(|f| f.ends_with(".mp4") || f.ends_with(".part"))
+        .collect();
+    assert!(local.is_empty(), "videos left on the local disk: {local:?}");
+    assert!(!log.contains(common::s3::SECRET_KEY), "secret in the log");
+    assert!(
+        !log.contains("X-Amz-Signature"),
+        "a presigned URL in the log"
+    );
+    assert!(
+        log.contains("takes writes"),
+        "the store was probed at start: {log}"
+    );
+    server.stop().await;
+    sim.stop().await;
+}
+
+fn files_under_state(dirs: &Dirs) -> Vec<String> {
+    common::s3::files_under(&dirs.state)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_uploads_leaves_no_partial_object_and_downloads_nothing_twice() {
+    let sim = Sim::start(fast_sim()).await;
+    let server = S3Server::start(BUCKET).await;
+    let dirs = Dirs::new();
+    // Videos of three multipart parts each, so uploads take a while.
+    let rows = rows("k", 6, |_| {
+        "sim_audio_seconds=5&sim_video_bytes=12000000".to_owned()
+    });
+    write_manifest(&dirs.inbox, "big.csv", &rows);
+    let listen = free_addr();
+    let args = with_poll(&[]);
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &args,
+        0,
+        &server.env(),
+    );
+    // Kill once an upload is under way: a part on the server, or the first
+    // object complete.
+    let uploading = wait_for(Duration::from_secs(60), || {
+        let parts = common::s3::files_under(server.root.path())
+            .iter()
+            .any(|f| f.contains(".upload_id-"));
+        parts.then_some(())
+    })
+    .await;
+    kill9(&mut daemon);
+    assert!(
+        uploading.is_some(),
+        "no upload started; log:\n{}",
+        log_text(&dirs, 0)
+    );
+
+    // Whatever is under a final key now is a whole video.
+    let tasks: HashMap<String, infinitetalk_batch::simulator::TaskInfo> = sim
+        .handle
+        .tasks()
+        .into_iter()
+        .map(|t| (t.audio_url.clone(), t))
+        .collect();
+    let client = server.client();
+    let stored_at_kill = server.list(PREFIX).await;
+    let mut downloads_at_kill = HashMap::new();
+    for (key, _) in &stored_at_kill {
+        let Some(id) = key
+            .strip_prefix(&format!("{PREFIX}/big/"))
+            .and_then(|n| n.strip_suffix(".mp4"))
+        else {
+            continue;
+        };
+        let row = rows.iter().find(|r| r.0 == id).expect("a row's video");
+        let task = &tasks[&row.2];
+        let bytes = get_bytes(&client, key).await;
+        assert_eq!(
+            infinitetalk_batch::simulator::sha256_hex(&bytes),
+            task.results[0].sha256,
+            "{key} under its final key is whole"
+        );
+        downloads_at_kill.insert(
+            task.task_id.clone(),
+            sim.handle.downloads_of(&task.task_id, 0),
+        );
+    }
+    // And so is a video whose download had finished into its transfer
+    // file (STATE/transfers/BATCH/TASK/NAME): it must be uploaded from
+    // there, not fetched again.
+    for (id, _, audio) in &rows {
+        let Some(task) = tasks.get(audio) else {
+            continue;
+        };
+        let digest = {
+            use sha2::Digest;
+            infinitetalk_batch::ingest::hex(&sha2::Sha256::digest(task.task_id.as_bytes()))
+        };
+        let transfer = dirs
+            .state
+            .join("transfers/big")
+            .join(&digest[..16])
+            .join(format!("{id}.mp4"));
+        if transfer.exists() {
+            downloads_at_kill.insert(
+                task.task_id.clone(),
+                sim.handle.downloads_of(&task.task_id, 0),
+            );
+        }
+    }
+    eprintln!(
+        "stored or downloaded whole at the kill: {}",
+        downloads_at_kill.len()
+    );
+
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &args,
+        1,
+        &server.env(),
+    );
+    let finished = wait_object(
+        &server,
+        &format!("{PREFIX}/big/results.csv"),
+        Duration::from_secs(90),
+    )
+    .await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    assert!(
+        finished,
+        "no results.csv after the restart; log:\n{}\n---\n{}",
+        log_text(&dirs, 0),
+        log_text(&dirs, 1)
+    );
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let results = check_store_against_sim(&server, "big", &sim).await;
+    assert_eq!(results.len(), 6);
+    // A video in the store at the kill was not fetched again.
+    for (task_id, before) in &downloads_at_kill {
+        assert_eq!(
+            sim.handle.downloads_of(task_id, 0),
+            *before,
+            "task {task_id}: stored before the kill, downloaded again after it"
+        );
+    }
+    // Every task's video was fetched at most a few times (resumes with
+    // Range after the kill), never once per restart from scratch: the
+    // simulator counts requests, so a whole second download would show.
+    for t in sim.handle.tasks() {
+        assert!(
+            sim.handle.downloads_of(&t.task_id, 0) <= 2,
+            "{t:?}: {} requests; logs:\n{}\n---\n{}",
+            sim.handle.downloads_of(&t.task_id, 0),
+            log_text(&dirs, 0),
+            log_text(&dirs, 1)
+        );
+    }
+    let objects = server.list(&format!("{PREFIX}/big")).await;
+    assert_eq!(
+        objects.len(),
+        8,
+        "6 videos, manifest.csv, results.csv: {objects:?}"
+    );
+    server.stop().await;
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_credentials_pause_submission_and_lose_nothing() {
+    let sim = Sim::start(fast_sim()).await;
+    let server = S3Server::start(BUCKET).await;
+    let dirs = Dirs::new();
+    let rows = rows("w", 4, |_| "sim_audio_seconds=5".to_owned());
+    write_manifest(&dirs.inbox, "w.csv", &rows);
+    let listen = free_addr();
+    let wrong = server.env_with_secret("a-wrong-secret-0000");
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &with_poll(&[]),
+        0,
+        &wrong,
+    );
+    // The batch is accepted, and nothing is submitted while the store refuses.
+    let status_url = format!("http://{listen}/status");
+    let http = reqwest::Client::new();
+    let paused = async {
+        for _ in 0..100 {
+            if let Ok(r) = http.get(&status_url).send().await
+                && let Ok(body) = r.text().await
+                && body.contains("object store")
+                && body.contains("\"w\"")
+            {
+                return Some(body);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        None
+    }
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    let log = log_text(&dirs, 0);
+    assert!(
+        paused.is_some(),
+        "status shows no pause for the store; log:\n{log}"
+    );
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    assert_eq!(
+        sim.handle.stats().submit_requests,
+        0,
+        "nothing paid for: {log}"
+    );
+    let line = log
+        .lines()
+        .find(|l| l.contains(&format!("s3://{BUCKET}")) && l.contains("ERROR"))
+        .unwrap_or_else(|| panic!("an error line naming the bucket: {log}"));
+    assert!(line.contains("probe"), "and the operation: {line}");
+    assert!(
+        !log.contains("a-wrong-secret-0000"),
+        "the secret is never logged"
+    );
+    assert!(server.list(PREFIX).await.is_empty(), "nothing stored");
+
+    // With the right key the same folders finish the batch.
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &with_poll(&[]),
+        1,
+        &server.env(),
+    );
+    let finished = wait_object(
+        &server,
+        &format!("{PREFIX}/w/results.csv"),
+        Duration::from_secs(60),
+    )
+    .await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    assert!(finished, "log:\n{}", log_text(&dirs, 1));
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let results = check_store_against_sim(&server, "w", &sim).await;
+    assert_eq!(results.len(), 4);
+    server.stop().await;
+    sim.stop().await;
+}
