@@ -164,6 +164,10 @@ pub struct RunArgs {
     /// proxy); local files are served to the API under URL/media/TOKEN.
     #[arg(long, value_name = "URL")]
     pub media_url: Option<String>,
+    /// Object store for local files (s3://BUCKET/PREFIX): each uploaded once,
+    /// named by its content hash, and sent to the API as a presigned URL.
+    #[arg(long, value_name = "URL")]
+    pub media_store: Option<String>,
     /// Resolution for rows that leave it blank [default: 480p].
     #[arg(long, value_name = "480p|720p", value_parser = parse_resolution)]
     pub resolution: Option<Resolution>,
@@ -226,6 +230,9 @@ pub struct ValidateArgs {
     /// Check as a daemon started with this --media-url would.
     #[arg(long, value_name = "URL")]
     pub media_url: Option<String>,
+    /// Check as a daemon started with this --media-store would.
+    #[arg(long, value_name = "URL")]
+    pub media_store: Option<String>,
 }
 
 #[derive(Debug, Args)]

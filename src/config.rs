@@ -92,6 +92,9 @@ pub struct FileSettings {
     /// Public URL reaching the listener's `/media/` route.
     #[serde(alias = "media_url")]
     pub media_url: Option<String>,
+    /// Object store (`s3://bucket/prefix`) local files are uploaded to.
+    #[serde(alias = "media_store")]
+    pub media_store: Option<String>,
     pub resolution: Option<Resolution>,
     pub provider: Option<Provider>,
     pub prompt: Option<String>,
@@ -284,6 +287,7 @@ impl Settings {
         let media = media_settings(
             args.media_root.clone(),
             args.media_url.clone(),
+            args.media_store.clone(),
             &file,
             &inbox,
         )?;
@@ -515,14 +519,38 @@ impl Settings {
 pub fn media_settings(
     root_flag: Option<PathBuf>,
     url_flag: Option<String>,
+    store_flag: Option<String>,
     file: &FileSettings,
     inbox: &Path,
 ) -> Result<MediaSettings, ConfigError> {
     let root = root_flag
         .or_else(|| file.media_root.clone())
         .unwrap_or_else(|| MediaSettings::default_root(inbox));
-    let publishing = match url_flag.or_else(|| file.media_url.clone()) {
-        Some(raw) => {
+    let url = url_flag.or_else(|| file.media_url.clone());
+    let store = store_flag.or_else(|| file.media_store.clone());
+    let publishing = match (url, store) {
+        (Some(_), Some(_)) => {
+            return Err(ConfigError::Invalid {
+                key: "media-store",
+                message: "set --media-url or --media-store, not both: each local file is published one way".into(),
+            });
+        }
+        (None, Some(raw)) => match crate::outbox::StoreTarget::parse(&raw) {
+            Some(Ok(target)) => Publishing::Store(target),
+            Some(Err(message)) => {
+                return Err(ConfigError::Invalid {
+                    key: "media-store",
+                    message,
+                });
+            }
+            None => {
+                return Err(ConfigError::Invalid {
+                    key: "media-store",
+                    message: format!("{raw:?} is not an s3://BUCKET/PREFIX URL"),
+                });
+            }
+        },
+        (Some(raw), None) => {
             let url = url::Url::parse(&raw).map_err(|e| ConfigError::Invalid {
                 key: "media-url",
                 message: format!("{raw:?} is not a URL: {e}"),
@@ -542,7 +570,7 @@ pub fn media_settings(
             }
             Publishing::Url(url)
         }
-        None => Publishing::Off,
+        (None, None) => Publishing::Off,
     };
     Ok(MediaSettings { root, publishing })
 }
@@ -746,6 +774,43 @@ mod tests {
         let mut sim = args();
         sim.simulate = true;
         assert!(Settings::merge(&sim, FileSettings::default(), &env).is_ok());
+    }
+
+    #[test]
+    fn object_store_settings() {
+        let mut a = args();
+        a.simulate = true;
+        a.outbox = Some("s3://talk-videos/acme/".into());
+        a.state = Some("/srv/state".into());
+        a.media_store = Some("s3://talk-inputs/media".into());
+        let s =
+            Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
+        assert_eq!(
+            s.outbox,
+            PathBuf::from("/srv/state/outbox"),
+            "staging under the state"
+        );
+        let target = s.outbox_store.expect("an object store");
+        assert_eq!(
+            (target.bucket.as_str(), target.prefix.as_str()),
+            ("talk-videos", "acme")
+        );
+        assert!(matches!(s.media.publishing, Publishing::Store(ref t) if t.prefix == "media"));
+
+        a.media_url = Some("https://media.example/".into());
+        let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
+            .expect_err("both ways at once");
+        assert!(err.to_string().contains("not both"), "{err}");
+        a.media_url = None;
+        a.media_store = Some("https://bucket.example/x".into());
+        let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
+            .expect_err("not s3://");
+        assert!(err.to_string().contains("media-store"), "{err}");
+        a.media_store = None;
+        a.outbox = Some("s3://Bad_Bucket".into());
+        let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
+            .expect_err("bad bucket");
+        assert!(err.to_string().contains("setting outbox"), "{err}");
     }
 
     #[test]

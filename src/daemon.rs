@@ -185,15 +185,20 @@ pub async fn serve(
     let mut registry = Registry::default();
     metrics.register(&mut registry);
 
+    let object_store = |target: &crate::outbox::StoreTarget| {
+        let vars = std::env::vars().filter(|(k, _)| k.starts_with("AWS_"));
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        crate::outbox::S3Outbox::build(target.clone(), vars, credentials.as_deref())
+            .map(Arc::new)
+            .map_err(DaemonError::Outbox)
+    };
     let outbox = match &settings.outbox_store {
         None => crate::outbox::Outbox::Local,
-        Some(target) => {
-            let vars = std::env::vars().filter(|(k, _)| k.starts_with("AWS_"));
-            let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-            let s3 = crate::outbox::S3Outbox::build(target.clone(), vars, credentials.as_deref())
-                .map_err(DaemonError::Outbox)?;
-            crate::outbox::Outbox::S3(Arc::new(s3))
-        }
+        Some(target) => crate::outbox::Outbox::S3(object_store(target)?),
+    };
+    let media_store = match &settings.media.publishing {
+        crate::media::Publishing::Store(target) => Some(object_store(target)?),
+        _ => None,
     };
     let (engine, inboxes) = Engine::new(
         store.clone(),
@@ -204,7 +209,12 @@ pub async fn serve(
         outbox,
         metrics.clone(),
         callback_url,
-        crate::media::Publisher::new(&settings.state, &settings.media.publishing, &secret),
+        crate::media::Publisher::with_store(
+            &settings.state,
+            &settings.media.publishing,
+            &secret,
+            media_store,
+        ),
         engine_stop.clone(),
     )?;
     let requeued = {
@@ -216,9 +226,7 @@ pub async fn serve(
 
     // Before any row is submitted: a store that refuses writes pauses
     // submission from the start (and says so, naming the bucket).
-    if crate::outbox::health::check(&engine).await && engine.outbox.store().is_some() {
-        tracing::info!(outbox = ?settings.outbox_store.as_ref().map(ToString::to_string), "the outbox's object store takes writes");
-    }
+    crate::outbox::health::check(&engine).await;
     engine
         .tracker
         .spawn(crate::outbox::health::health_worker(engine.clone()));
@@ -238,7 +246,7 @@ pub async fn serve(
             callback_url: settings.callback_url.clone(),
             public_urls: match &settings.media.publishing {
                 crate::media::Publishing::Url(url) => vec![url.clone()],
-                crate::media::Publishing::Off => Vec::new(),
+                crate::media::Publishing::Off | crate::media::Publishing::Store(_) => Vec::new(),
             },
         });
         let callback_here = callback_listener.is_none();

@@ -285,6 +285,7 @@ fn validate(args: &ValidateArgs) -> ExitCode {
     let media = match infinitetalk_batch::config::media_settings(
         args.media_root.clone(),
         args.media_url.clone(),
+        args.media_store.clone(),
         &file,
         &inbox,
     ) {

@@ -445,3 +445,106 @@ async fn wrong_credentials_pause_submission_and_lose_nothing() {
     server.stop().await;
     sim.stop().await;
 }
+
+const PNG: &[u8] = b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR\0\0\0\x01\0\0\0\x01\x08\x06\0\0\0";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_files_go_through_the_media_store_as_presigned_urls() {
+    let sim = Sim::start(fast_sim()).await;
+    let server = S3Server::start(BUCKET).await;
+    let dirs = Dirs::new();
+    let media = dirs.root.path().join("media");
+    std::fs::create_dir_all(&media).expect("media");
+    std::fs::write(media.join("ann.png"), PNG).expect("png");
+    for i in 0..2 {
+        let wav = infinitetalk_batch::simulator::silent_wav_bytes(1.0 + f64::from(i));
+        std::fs::write(media.join(format!("{i}.wav")), wav).expect("wav");
+    }
+    // Two rows share the portrait (one upload); a third names a URL.
+    let tmp = dirs.inbox.join(".m.tmp");
+    std::fs::write(
+        &tmp,
+        "id,image_url,audio_url\n\
+         a,ann.png,0.wav\n\
+         b,ann.png,1.wav\n\
+         c,https://img.example/c.png,https://audio.example/c.mp3?sim_audio_seconds=5\n",
+    )
+    .expect("manifest");
+    std::fs::rename(&tmp, dirs.inbox.join("m.csv")).expect("rename");
+    let media_s = media.display().to_string();
+    let store = format!("s3://{BUCKET}/inputs");
+    let listen = free_addr();
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &dirs.outbox.display().to_string(),
+        &with_poll(&["--media-root", &media_s, "--media-store", &store]),
+        0,
+        &server.env(),
+    );
+    let finished = wait_results(&dirs, "m", Duration::from_secs(60)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    let log = log_text(&dirs, 0);
+    assert!(finished, "batch did not finish; log:\n{log}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
+
+    // Every row done: the simulator fetched each presigned URL from the
+    // S3 server (a URL it could not fetch would fail INVALID_*_URL).
+    let results = check_results_against_sim(&dirs, "m", &sim.handle);
+    assert!(
+        results.iter().all(|r| r["state"] == "done"),
+        "{results:?}\n{log}"
+    );
+    // results.csv keeps the manifest's cells, never a presigned URL.
+    let a = results.iter().find(|r| r["id"] == "a").expect("row a");
+    assert_eq!(a["image_url"], "ann.png");
+    let tasks = sim.handle.tasks();
+    let local_tasks: Vec<_> = tasks
+        .iter()
+        .filter(|t| t.audio_url.contains(&server.addr.to_string()))
+        .collect();
+    assert_eq!(local_tasks.len(), 2, "{tasks:?}");
+    for t in &local_tasks {
+        for u in t.image_urls.iter().chain([&t.audio_url]) {
+            assert!(
+                u.contains("X-Amz-Signature=") && u.contains("X-Amz-Expires=604800"),
+                "a presigned URL valid 7 days: {u}"
+            );
+        }
+    }
+    // Each file once in the store, named by its content hash.
+    let objects = server.list("inputs").await;
+    let png_key = format!(
+        "inputs/{}.png",
+        infinitetalk_batch::simulator::sha256_hex(PNG)
+    );
+    assert_eq!(objects.len(), 3, "one portrait, two voices: {objects:?}");
+    assert!(
+        objects
+            .iter()
+            .any(|(k, n)| *k == png_key && *n == PNG.len() as u64),
+        "{objects:?}"
+    );
+    assert_eq!(
+        log.matches("uploaded to the media store").count(),
+        3,
+        "the shared portrait uploaded once:\n{log}"
+    );
+    assert!(
+        !log.contains("X-Amz-Signature"),
+        "presigned URLs never logged"
+    );
+    assert!(!log.contains(common::s3::SECRET_KEY), "secret never logged");
+    // A presigned URL of the store, tampered, is refused by the server.
+    let http = reqwest::Client::new();
+    let url = &local_tasks[0].audio_url;
+    assert_eq!(http.get(url).send().await.expect("get").status(), 200);
+    let mut tampered = url.clone();
+    let at = tampered.find("X-Amz-Signature=").expect("signature") + 16;
+    let c = if &tampered[at..=at] == "0" { "1" } else { "0" };
+    tampered.replace_range(at..=at, c);
+    assert_eq!(http.get(&tampered).send().await.expect("get").status(), 403);
+    server.stop().await;
+    sim.stop().await;
+}

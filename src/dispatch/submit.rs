@@ -376,6 +376,15 @@ async fn submit_row(
     // A file that changed fails the row here, before anything is paid.
     let spec = match engine.media.prepare(key, &record.spec).await {
         Ok(spec) => spec,
+        Err(e) if e.is_transient() => {
+            // The media store is down: nothing was sent; the row goes back
+            // to the queue and submission pauses until the store is back.
+            drop(slot);
+            tracing::error!(batch = %batch, row = %record.id, error = %e, "cannot publish the row's local files; it stays queued and submission pauses");
+            engine.object_store_down();
+            unsent(&engine, key, &record, &batch).await;
+            return;
+        }
         Err(e) => {
             refund(&engine, &record).await;
             drop(slot);

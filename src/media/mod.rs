@@ -134,6 +134,9 @@ pub enum Publishing {
     /// `--media-url URL`: the listener serves `/media/{token}`; the API
     /// reaches it at `URL/media/{token}`.
     Url(url::Url),
+    /// `--media-store s3://bucket/prefix`: each file uploaded once, named by
+    /// its content hash, and sent as a presigned GET URL made at submit.
+    Store(crate::outbox::StoreTarget),
 }
 
 impl Publishing {
@@ -217,10 +220,19 @@ pub enum MediaError {
     /// Local files but no way to publish them.
     #[error("{UNPUBLISHED_MESSAGE}")]
     Unpublished,
+    /// The media store refused or could not be reached: the row waits
+    /// (never failed for it) and submission pauses.
+    #[error(transparent)]
+    Store(#[from] crate::outbox::OutboxError),
 }
 
 impl MediaError {
     /// The fail code a row gets when this stops its submit.
+    /// Whether the row should wait and be tried again rather than fail.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, MediaError::Store(_))
+    }
+
     pub fn fail_code(&self) -> &'static str {
         match self {
             MediaError::Unpublished => MEDIA_UNPUBLISHED,

@@ -13,6 +13,7 @@
 //! - `--media-store` (object storage) is a further [`Mode`]: the same check
 //!   first, then an upload named by the hash and a presigned URL.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,6 +23,7 @@ use sha2::Sha256;
 use super::local::{MediaRoot, hash_file, mtime_of, open_regular};
 use super::table::{self, Entry, Table};
 use super::{Column, MediaError, MediaRef, Publishing, classify};
+use crate::outbox::S3Outbox;
 use crate::probe::ProbeError;
 use crate::spec::RowSpec;
 use crate::store::RowKey;
@@ -40,7 +42,20 @@ enum Mode {
     Off,
     /// `--media-url`: the listener's `/media/` route under `base`.
     Url { base: String },
+    /// `--media-store`: uploaded once under `prefix/SHA256.EXT`, then a
+    /// presigned GET URL made at each submit (the URL is never stored).
+    Store {
+        s3: Arc<S3Outbox>,
+        /// One upload per object at a time: rows sharing a file submitted
+        /// together upload it once (the others find it there).
+        uploading: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+    },
 }
+
+/// How long a presigned media URL stays valid: SigV4's longest. The API
+/// fetches inputs when the task starts, which may be long after the submit
+/// when its queue is deep; a new URL is made at every submit.
+pub const MEDIA_URL_TTL: std::time::Duration = std::time::Duration::from_secs(7 * 24 * 3600);
 
 /// A local file of a row, checked to hold the recorded bytes.
 #[derive(Debug, Clone)]
@@ -71,10 +86,25 @@ impl Publisher {
     /// `secret`: the daemon's stored secret (the callback secret); tokens
     /// stay valid across restarts, and only this daemon can make them.
     pub fn new(state_dir: &Path, publishing: &Publishing, secret: &str) -> Arc<Publisher> {
-        let mode = match publishing {
-            Publishing::Off => Mode::Off,
-            Publishing::Url(url) => Mode::Url {
+        Self::with_store(state_dir, publishing, secret, None)
+    }
+
+    /// [`Publisher::new`] with the client of `--media-store` (without it,
+    /// a store setting publishes nothing: rows fail unpublished).
+    pub fn with_store(
+        state_dir: &Path,
+        publishing: &Publishing,
+        secret: &str,
+        store: Option<Arc<S3Outbox>>,
+    ) -> Arc<Publisher> {
+        let mode = match (publishing, store) {
+            (Publishing::Off, _) | (Publishing::Store(_), None) => Mode::Off,
+            (Publishing::Url(url), _) => Mode::Url {
                 base: url.as_str().trim_end_matches('/').to_owned(),
+            },
+            (Publishing::Store(_), Some(s3)) => Mode::Store {
+                s3,
+                uploading: Arc::default(),
             },
         };
         let mut mac = hmac_with(secret.as_bytes());
@@ -112,7 +142,10 @@ impl Publisher {
             })??;
         let mut out = spec.clone();
         for v in verified {
-            let url = self.url_for(key, &v)?;
+            let url = match &self.mode {
+                Mode::Store { s3, uploading } => self.store_url(s3, uploading, &v).await?,
+                _ => self.url_for(key, &v)?,
+            };
             match v.column {
                 Column::Image => out.image_url = url,
                 Column::Mask => out.mask_url = Some(url),
@@ -142,10 +175,88 @@ impl Publisher {
         }
     }
 
+    /// The object store of `--media-store`, if that is the mode.
+    pub fn store(&self) -> Option<&Arc<S3Outbox>> {
+        match &self.mode {
+            Mode::Store { s3, .. } => Some(s3),
+            _ => None,
+        }
+    }
+
+    /// A presigned URL of one verified file in the media store, uploading
+    /// it first unless an object of its hash and size is there.
+    async fn store_url(
+        &self,
+        s3: &S3Outbox,
+        uploading: &std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+        v: &Verified,
+    ) -> Result<String, MediaError> {
+        let object = s3.key_under(&format!(
+            "{}.{}",
+            crate::ingest::hex(&v.entry.print.sha256),
+            v.entry.format.extension()
+        ));
+        let lock = uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(object.clone())
+            .or_default()
+            .clone();
+        let held = lock.lock().await;
+        let uploaded = self.upload_once(s3, &object, v).await;
+        drop(held);
+        uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&object);
+        uploaded?;
+        Ok(s3.signed_get(&object, MEDIA_URL_TTL).await?)
+    }
+
+    /// Uploads `v` to `object` unless an object of its size is there.
+    async fn upload_once(
+        &self,
+        s3: &S3Outbox,
+        object: &str,
+        v: &Verified,
+    ) -> Result<(), MediaError> {
+        if s3.size_of(object).await? != Some(v.entry.print.size) {
+            s3.upload_file(&v.path, object).await?;
+            // The file may have changed while it was read: an object named
+            // by a hash must hold those bytes, or go.
+            let (path, print) = (v.path.clone(), v.entry.print);
+            let still = tokio::task::spawn_blocking(move || {
+                let (mut file, meta) = open_regular(&path, &path.to_string_lossy())?;
+                if meta.len() == print.size && mtime_of(&meta) == print.mtime {
+                    return Ok(true);
+                }
+                let (sha256, read) = hash_file(&mut file).map_err(|source| MediaError::Io {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok::<_, MediaError>(sha256 == print.sha256 && read == print.size)
+            })
+            .await
+            .map_err(|e| MediaError::Table {
+                path: v.path.clone(),
+                message: format!("re-checking the file panicked: {e}"),
+            })??;
+            if !still {
+                let _ = s3.delete(object).await;
+                return Err(MediaError::Changed {
+                    path: v.path.clone(),
+                    why: "it changed while it was uploaded".into(),
+                });
+            }
+            tracing::info!(store = %s3.target, key = %object, bytes = v.entry.print.size, "local file uploaded to the media store");
+        }
+        Ok(())
+    }
+
     /// The URL of one verified file.
     fn url_for(&self, key: RowKey, v: &Verified) -> Result<String, MediaError> {
         match &self.mode {
-            Mode::Off => Err(MediaError::Unpublished),
+            Mode::Off | Mode::Store { .. } => Err(MediaError::Unpublished),
             Mode::Url { base } => Ok(format!(
                 "{base}/media/{}.{}",
                 self.token(key, v.column, &v.entry.print.sha256),

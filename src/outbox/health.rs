@@ -5,40 +5,53 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::S3Outbox;
 use crate::api::PauseReason;
 use crate::dispatch::{Engine, backoff};
 
 /// Longest wait between two probes of a store that is down.
 const MAX_PROBE_INTERVAL: Duration = Duration::from_secs(60);
 
-/// Probes once; pauses submission (with one error line naming the bucket)
-/// on failure. Used at start, before any row is submitted.
-pub(crate) async fn check(engine: &Engine) -> bool {
-    let Some(s3) = engine.outbox.store() else {
-        return true;
-    };
-    let probed = tokio::time::timeout(Duration::from_secs(30), s3.probe()).await;
-    match probed {
-        Ok(Ok(())) => {
-            engine.object_store_up();
-            true
-        }
-        Ok(Err(e)) => {
-            tracing::error!(error = %e, "the outbox's object store refuses writes; submission pauses until it takes them");
-            engine.object_store_down();
-            false
-        }
-        Err(_) => {
-            tracing::error!(store = %s3.target, "the outbox's object store did not answer a probe within 30s; submission pauses until it does");
-            engine.object_store_down();
-            false
-        }
+/// The object stores the daemon writes to: the outbox's, the media store.
+fn stores(engine: &Engine) -> Vec<(&'static str, Arc<S3Outbox>)> {
+    let mut out = Vec::new();
+    if let Some(s3) = engine.outbox.store() {
+        out.push(("outbox", s3.clone()));
     }
+    if let Some(s3) = engine.media.store() {
+        out.push(("media store", s3.clone()));
+    }
+    out
+}
+
+/// Probes each store once; pauses submission (with one error line naming
+/// the bucket and the operation) if one refuses. Used at start, before any
+/// row is submitted, and by [`health_worker`].
+pub(crate) async fn check(engine: &Engine) -> bool {
+    for (role, s3) in stores(engine) {
+        let probed = tokio::time::timeout(Duration::from_secs(30), s3.probe()).await;
+        let failed = match probed {
+            Ok(Ok(())) => {
+                tracing::info!(role, store = %s3.target, "the object store takes writes");
+                continue;
+            }
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => format!(
+                "object store {}: no answer to a probe within 30s",
+                s3.target
+            ),
+        };
+        tracing::error!(role, error = %failed, "an object store refuses writes; submission pauses until it takes them");
+        engine.object_store_down();
+        return false;
+    }
+    engine.object_store_up();
+    true
 }
 
 /// While submission is paused for the store, probes it with backoff.
 pub(crate) async fn health_worker(engine: Arc<Engine>) {
-    if engine.outbox.store().is_none() {
+    if stores(&engine).is_empty() {
         return;
     }
     let mut pause = engine.pause.subscribe();

@@ -186,6 +186,26 @@ impl S3Outbox {
         }
     }
 
+    /// Removes the object at `key` (gone already is fine).
+    pub async fn delete(&self, key: &str) -> Result<(), OutboxError> {
+        match self.store.delete(&self.path(key)?).await {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+            Err(e) => Err(self.error("DELETE", key, &e)),
+        }
+    }
+
+    /// A presigned GET URL of `key`, valid for `ttl` (at most 7 days).
+    /// Made by signing locally: no request. Never logged or stored.
+    pub async fn signed_get(&self, key: &str, ttl: Duration) -> Result<String, OutboxError> {
+        use object_store::signer::Signer;
+        let url = self
+            .store
+            .signed_url(reqwest::Method::GET, &self.path(key)?, ttl)
+            .await
+            .map_err(|e| self.error("presign GET", key, &e))?;
+        Ok(url.to_string())
+    }
+
     /// Checks that the store takes writes under the prefix: starts a
     /// multipart upload and aborts it, which leaves nothing behind.
     pub async fn probe(&self) -> Result<(), OutboxError> {
