@@ -548,3 +548,71 @@ async fn local_files_go_through_the_media_store_as_presigned_urls() {
     server.stop().await;
     sim.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_mid_run_pauses_then_the_rows_finish() {
+    // Tasks of about a second, so that the store can go away between the
+    // submits and the downloads.
+    let sim = Sim::start(infinitetalk_batch::simulator::SimArgs {
+        time_factor: 0.2,
+        ..fast_sim()
+    })
+    .await;
+    let server = S3Server::start(BUCKET).await;
+    let dirs = Dirs::new();
+    let rows = rows("o", 4, |_| "sim_audio_seconds=5".to_owned());
+    write_manifest(&dirs.inbox, "o.csv", &rows);
+    let listen = free_addr();
+    let env = server.env();
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &with_poll(&[]),
+        0,
+        &env,
+    );
+    let submitted = wait_for(Duration::from_secs(30), || {
+        (sim.handle.stats().submit_requests >= 4).then_some(())
+    })
+    .await;
+    let down = server.outage().await;
+    assert!(submitted.is_some(), "log:\n{}", log_text(&dirs, 0));
+    // The videos cannot be stored: an error line naming the bucket and the
+    // operation, the rows wait, submission is paused.
+    let noticed = wait_for(Duration::from_secs(30), || {
+        log_text(&dirs, 0)
+            .lines()
+            .any(|l| l.contains("cannot store the video") && l.contains(&format!("s3://{BUCKET}")))
+            .then_some(())
+    })
+    .await;
+    let status: String = reqwest::get(format!("http://{listen}/status"))
+        .await
+        .expect("status")
+        .text()
+        .await
+        .expect("body");
+    assert!(noticed.is_some(), "log:\n{}", log_text(&dirs, 0));
+    assert!(status.contains("object store"), "{status}");
+    assert!(!dirs.state.join("outbox/o/results.csv").exists());
+
+    // Back on the same address: the rows finish by themselves.
+    let server = S3Server::resume(down).await;
+    let finished = wait_object(
+        &server,
+        &format!("{PREFIX}/o/results.csv"),
+        Duration::from_secs(90),
+    )
+    .await;
+    let stopped = terminate(&mut daemon, Duration::from_secs(25));
+    let log = log_text(&dirs, 0);
+    assert!(finished, "log:\n{log}");
+    assert!(stopped.is_some_and(|s| s.success()), "{stopped:?}");
+    let results = check_store_against_sim(&server, "o", &sim).await;
+    assert_eq!(results.len(), 4);
+    assert!(log.contains("submission resumed"), "{log}");
+    server.stop().await;
+    sim.stop().await;
+}

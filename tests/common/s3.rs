@@ -36,15 +36,31 @@ impl S3Server {
     pub async fn start(bucket: &str) -> S3Server {
         let root = tempfile::tempdir().expect("s3 root");
         std::fs::create_dir_all(root.path().join(bucket)).expect("bucket folder");
+        Self::serve(bucket, root, "127.0.0.1:0".parse().expect("addr")).await
+    }
+
+    /// Stops answering (connections dropped, the port closed), keeping the
+    /// objects; [`S3Server::resume`] serves them again on the same address.
+    pub async fn outage(self) -> (String, tempfile::TempDir, SocketAddr) {
+        self.stop.cancel();
+        self.tasks.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
+        (self.bucket, self.root, self.addr)
+    }
+
+    pub async fn resume(down: (String, tempfile::TempDir, SocketAddr)) -> S3Server {
+        let (bucket, root, addr) = down;
+        Self::serve(&bucket, root, addr).await
+    }
+
+    async fn serve(bucket: &str, root: tempfile::TempDir, addr: SocketAddr) -> S3Server {
         let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs");
         let service = {
             let mut b = S3ServiceBuilder::new(fs);
             b.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
             b.build()
         };
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind s3");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind s3");
         let addr = listener.local_addr().expect("s3 addr");
         let stop = CancellationToken::new();
         let tasks = TaskTracker::new();
