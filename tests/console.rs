@@ -271,6 +271,62 @@ async fn console_in_a_browser() {
         "nothing left staged"
     );
 
+    // The same bytes again: said before accepting, refused as the inbox
+    // refuses them. A broken manifest: every error line shown.
+    let choose = |path: std::path::PathBuf| {
+        let c = b.c().clone();
+        async move {
+            c.find(Locator::Css("#manifest-file"))
+                .await
+                .expect("file input")
+                .send_keys(&path.display().to_string())
+                .await
+                .expect("file chosen");
+        }
+    };
+    choose(file.clone()).await;
+    let said = b
+        .until("duplicate noticed", "const b = document.querySelector('#drop-accept'); return b && document.querySelector('#drop-result').textContent")
+        .await;
+    assert!(
+        said.as_str()
+            .expect("text")
+            .contains("accepted before as batch dropped"),
+        "{said}"
+    );
+    b.click("#drop-accept").await;
+    let said = b
+        .until("duplicate refused", "const r = document.querySelector('#drop-result'); return r.textContent.includes('Rejected') && r.textContent")
+        .await;
+    assert!(
+        said.as_str()
+            .expect("text")
+            .contains("identical to a manifest already accepted"),
+        "{said}"
+    );
+    assert!(
+        dirs.inbox.join("rejected/dropped.errors.txt").exists(),
+        "rejected like an inbox file"
+    );
+    let broken = upload_dir.path().join("broken.csv");
+    std::fs::write(&broken, "id,image_url,audio_url\nok,https://x.test/a.png,https://x.test/a.mp3\nbad id,ftp://x.test/b.png,https://x.test/b.mp3\n")
+        .expect("write");
+    choose(broken).await;
+    let lines = b
+        .until("error lines", "const l = document.querySelectorAll('#drop-result ol.errors li'); return l.length && Array.from(l).map(x => x.textContent).join('|')")
+        .await;
+    let lines = lines.as_str().expect("text");
+    assert!(
+        lines.contains("line 3: column id:") && lines.contains("line 3: column image_url:"),
+        "{lines}"
+    );
+    assert_eq!(
+        b.js("return !!document.querySelector('#drop-accept')")
+            .await,
+        json!(false),
+        "nothing to accept"
+    );
+
     // A row's page plays its video (the simulator's outputs are real MP4s).
     b.goto(&format!("{base}/batches/dropped/rows/d0")).await;
     let duration = b

@@ -18,7 +18,7 @@ use super::archive::ArchiveIndex;
 use super::{BatchSeq, RowKey, RowRecord, RowState, Store, StoreError};
 
 /// Batches whose archive index is kept in memory at once (12 bytes a row).
-const MAX_INDEXES: usize = 8;
+const MAX_INDEXES: usize = 4;
 
 /// Which rows a page shows.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
