@@ -329,8 +329,10 @@ impl Poller {
         let age = if self.callback_mode {
             self.model.safety_poll(polled, t.audio)
         } else if !self.model.is_trained() && !self.scouts.contains(&key) {
-            // Scouts will teach the model: until then this task waits.
-            polled.unwrap_or_default() + self.engine.settings.poll_max
+            // Scouts will teach the model: until one has ended this task waits.
+            self.model
+                .untrained_poll(polled)
+                .unwrap_or_else(|| polled.unwrap_or_default() + self.engine.settings.poll_max)
         } else {
             self.model.next_poll(polled, t.audio)
         };
@@ -441,9 +443,14 @@ impl Poller {
                         .observe(f64::from(t.polls));
                     audio = t.audio;
                 }
+                let first_end = self.model.samples() == 0;
                 self.model.observe(took, audio);
                 self.unsaved = true;
                 self.retune();
+                if first_end && !self.model.is_trained() {
+                    // The others waited for a first duration: now they have one.
+                    self.replan_all();
+                }
                 self.engine.work.notify_one();
             }
             PollResult::Dropped => {

@@ -57,6 +57,11 @@ const FIRST_RUNGS: [f64; 17] = [
 const MAX_RUNGS: usize = 8;
 /// A scout's polls: each at this factor of the age of the one before.
 const SCOUT_STEP: f64 = 1.5;
+/// A task that outlived its whole ladder (or, before the model starts, every
+/// duration seen so far) is polled at this factor of its age: late enough
+/// to cost few requests, early enough that it is seen within a fifth of its
+/// age of ending.
+const OUTLIVED_STEP: f64 = 1.2;
 /// Rung counts tried for the square-root-of-hazard ladders.
 const HAZARD_RUNGS: [usize; 26] = [
     1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 20, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192,
@@ -268,10 +273,25 @@ impl PollModel {
             // is seen soon after it ends and the model can start.
             None => from * SCOUT_STEP,
             Some((ladder, scale)) => next_rung(&ladder.times, scale, from, min)
-                // Outlived the whole ladder: back off by half its age.
-                .unwrap_or(from * 1.5),
+                // Outlived the whole ladder: back off with its age.
+                .unwrap_or(from * OUTLIVED_STEP),
         };
         self.bounded(from, at)
+    }
+
+    /// Before the model starts, a task that is not a scout waits until the
+    /// shortest duration seen so far (nothing ended yet: `None`, wait for
+    /// the scouts), then is polled at growing intervals. The first tasks to
+    /// end are the short ones, so this costs few polls, and a task that ends
+    /// while the scouts still run is not kept waiting for all of them.
+    pub fn untrained_poll(&self, polled: Option<Duration>) -> Option<Duration> {
+        let shortest = self.samples.iter().map(|s| s.secs).reduce(f64::min)?;
+        let at = match polled {
+            None => shortest * PAST,
+            Some(p) => (p.as_secs_f64() * OUTLIVED_STEP).max(shortest * PAST),
+        };
+        let from = polled.map_or(0.0, |d| d.as_secs_f64());
+        Some(self.bounded(from, at))
     }
 
     /// In callback mode the API says when a task ends (and retries a
@@ -562,8 +582,8 @@ mod tests {
         // Found running at the first rung: the next one follows soon.
         let second = age(&m, Some(first + 0.1));
         assert!(second - first < 3.0, "{first} {second}");
-        // Outlived everything: back off by half the age.
-        assert!((age(&m, Some(40.0)) - 60.0).abs() < 1e-9);
+        // Outlived everything: back off with the age.
+        assert!((age(&m, Some(40.0)) - 48.0).abs() < 1e-9);
     }
 
     #[test]
@@ -712,6 +732,17 @@ mod tests {
     }
 
     #[test]
+    fn before_the_model_starts_the_others_wait_for_the_first_end() {
+        let mut m = model();
+        assert_eq!(m.untrained_poll(None), None, "nothing ended yet");
+        m.observe(secs(10.0), None);
+        let first = m.untrained_poll(None).expect("a duration is known");
+        assert!((first.as_secs_f64() - 10.2).abs() < 1e-9, "{first:?}");
+        let next = m.untrained_poll(Some(secs(20.0))).expect("known");
+        assert!((next.as_secs_f64() - 24.0).abs() < 1e-9, "{next:?}");
+    }
+
+    #[test]
     fn a_restored_model_starts_at_once() {
         let m = trained(SLOT_BOUND);
         let mut again = model();
@@ -734,6 +765,6 @@ mod tests {
         m.start();
         m.refit(SLOT_BOUND, Instant::now());
         assert_eq!(m.next_poll(None, None), secs(1.0));
-        assert_eq!(m.next_poll(Some(secs(3.0)), None), secs(4.5));
+        assert_eq!(m.next_poll(Some(secs(3.0)), None), secs(4.0));
     }
 }
