@@ -203,6 +203,23 @@ impl RequestBudget {
         !held && self.gcra.check().is_ok() && self.try_take().is_ok()
     }
 
+    /// Counts every request counted since `since` as sent now. The server
+    /// counts a request when it arrives: a submit counted, then held back
+    /// by its write-ahead flush (which can take seconds on a busy disk),
+    /// must count from when it is sent, or a window at the server could hold
+    /// more than the limit. Requests of others counted meanwhile move too,
+    /// which only makes the budget more careful.
+    pub fn restamp_since(&self, since: Instant) {
+        let now = Instant::now();
+        let mut log = self.lock_log();
+        for at in log.iter_mut().rev() {
+            if *at < since {
+                break;
+            }
+            *at = now;
+        }
+    }
+
     /// Requests per second of the last window, to persist.
     pub fn ledger(&self) -> Vec<LedgerEntry> {
         let now = Instant::now();
@@ -260,6 +277,23 @@ mod tests {
         }
         assert_eq!(taken, 100);
         assert_eq!(budget.sent_in_window(), 100);
+    }
+
+    #[test]
+    fn a_request_held_back_counts_from_when_it_is_sent() {
+        let budget = RequestBudget::new(600, &[]);
+        let before = Instant::now();
+        assert!(budget.try_take().is_ok());
+        let since = Instant::now();
+        assert!(budget.try_take().is_ok());
+        assert!(budget.try_take().is_ok());
+        std::thread::sleep(Duration::from_millis(20));
+        budget.restamp_since(since);
+        let log = budget.lock_log();
+        assert_eq!(log.len(), 3);
+        assert!(log[0] < since && log[0] >= before);
+        assert!(log[1] >= since + Duration::from_millis(20), "{log:?}");
+        assert!(log[2] >= since + Duration::from_millis(20), "{log:?}");
     }
 
     #[test]

@@ -154,6 +154,7 @@ impl Submitter {
                     continue;
                 }
             }
+            let counted = std::time::Instant::now();
             if self
                 .beat
                 .wait(&engine.shutdown, engine.budget.acquire(Class::Submit))
@@ -187,7 +188,11 @@ impl Submitter {
             })
             .await;
             let send = match claimed {
-                Ok(Ok(send)) => send,
+                Ok(Ok(send)) => {
+                    // They go now, after the flush: count them from now.
+                    engine.budget.restamp_since(counted);
+                    send
+                }
                 Ok(Err(e)) => {
                     // Rows already marked stay `submitting`: the next start
                     // queues them again.
