@@ -302,8 +302,11 @@ async fn a_symlink_is_refused_never_followed() {
     let h = start(dir, folders);
     h.ready().await;
     let rejected = h.folders.rejected_dir();
+    // The error file is written before the link is moved: wait for both.
     wait_for("the links rejected", Duration::from_secs(6), || {
-        rejected.join("u.errors.txt").exists() && rejected.join("d.errors.txt").exists()
+        rejected.join("u.errors.txt").exists()
+            && rejected.join("d.errors.txt").exists()
+            && fs::symlink_metadata(rejected.join("u.csv")).is_ok()
     })
     .await;
     assert!(h.seen().is_empty(), "nothing accepted through a link");
