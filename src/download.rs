@@ -75,20 +75,13 @@ fn part_path(dest: &Path, task_id: &str) -> PathBuf {
     fsutil::temp_path(dest, &format!("{}.part", &digest[..16]))
 }
 
-/// Removes part files of `dest` left by other tasks (best effort).
-async fn remove_other_parts(dest: &Path, keep: &Path) {
-    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name()) else {
-        return;
-    };
-    let prefix = format!(".{}.", name.to_string_lossy());
-    let Ok(mut entries) = tokio::fs::read_dir(dir).await else {
-        return;
-    };
-    while let Ok(Some(entry)) = entries.next_entry().await {
-        let file = entry.file_name().to_string_lossy().into_owned();
-        if file.starts_with(&prefix) && file.ends_with(".part") && entry.path() != keep {
-            let _ = tokio::fs::remove_file(entry.path()).await;
-        }
+/// Removes part files of `dest` left by the row's earlier tasks (best
+/// effort). Their names are known (a part is named for its task, and every
+/// task a row had is recorded), so nothing lists the batch's folder: a
+/// listing per download would cost time growing with the batch.
+async fn remove_other_parts(dest: &Path, previous: &[String]) {
+    for task_id in previous {
+        let _ = tokio::fs::remove_file(part_path(dest, task_id)).await;
     }
 }
 
@@ -313,7 +306,7 @@ async fn fetch_all(
             .await
             .is_ok_and(|m| m.is_file());
         if !(present && record.owns_file(&name, &task_id)) {
-            fetch_one(engine, url, &dest, &task_id).await?;
+            fetch_one(engine, url, &dest, &task_id, &record.previous_tasks).await?;
             let op = Op::FileSaved {
                 task_id: task_id.clone(),
                 name: name.clone(),
@@ -377,9 +370,10 @@ pub(crate) async fn fetch_one(
     url: &str,
     dest: &Path,
     task_id: &str,
+    previous_tasks: &[String],
 ) -> Result<(), DownloadError> {
     let part = part_path(dest, task_id);
-    remove_other_parts(dest, &part).await;
+    remove_other_parts(dest, previous_tasks).await;
     let deadline = tokio::time::Instant::now()
         .checked_add(engine.settings.download_attempt_timeout)
         .unwrap_or_else(tokio::time::Instant::now);

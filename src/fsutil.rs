@@ -77,6 +77,27 @@ pub(crate) fn remove_temps(path: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Removes every hidden `.*.part` entry of `dir` (files or links, never
+/// followed): once a batch has ended no download of it runs, so they are
+/// leftovers of killed or abandoned downloads.
+pub(crate) fn remove_parts(dir: &Path) -> io::Result<()> {
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let file = entry.file_name().to_string_lossy().into_owned();
+        let kind = entry.file_type()?;
+        if file.starts_with('.') && file.ends_with(".part") && (kind.is_file() || kind.is_symlink())
+        {
+            fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
 /// Copies `from` to `to` durably under a temporary name first.
 pub(crate) fn copy_atomic(from: &Path, to: &Path) -> io::Result<()> {
     let mut src = File::open(from)?;

@@ -237,7 +237,14 @@ async fn finish(engine: &Engine, seq: BatchSeq) {
     let store = engine.store.clone();
     let folders = engine.folders.clone();
     let b = batch.clone();
-    let written = tokio::task::spawn_blocking(move || write_results(&store, &folders, &b)).await;
+    let written = tokio::task::spawn_blocking(move || {
+        // Once, at the end, rather than a listing of the folder per download.
+        if let Err(e) = crate::fsutil::remove_parts(&folders.batch_dir(&b.name)) {
+            tracing::warn!(batch = %b.name, error = %e, "cannot remove leftover .part files");
+        }
+        write_results(&store, &folders, &b)
+    })
+    .await;
     let path = match written {
         Ok(Ok(path)) => path,
         Ok(Err(e)) => {

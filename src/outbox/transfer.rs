@@ -52,7 +52,8 @@ pub(crate) async fn store_one(
         .await
         .is_ok_and(|m| m.is_file());
     if !complete {
-        fetch_one(engine, url, &local, task_id).await?;
+        // Transfers live in a folder of their task: no other task's part is here.
+        fetch_one(engine, url, &local, task_id, &[]).await?;
     }
     let object = s3.key(batch, name);
     let bytes = s3.upload_file(&local, &object).await?;
