@@ -306,7 +306,9 @@ async fn hostile_answers_are_bounded_and_the_daemon_keeps_working() {
     write_manifest(
         &dirs.inbox,
         "hostile.csv",
-        &rows("h", 6, |_| "sim_audio_seconds=5".into()),
+        // Enough rows that the faults drawn per request (0.2, 0.4) surely
+        // come up: the poll model asks only a few times a task.
+        &rows("h", 12, |_| "sim_audio_seconds=5".into()),
     );
     let cfg = config(
         &dirs,
