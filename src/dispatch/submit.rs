@@ -19,7 +19,9 @@ use super::{Engine, backoff, sleep_or_stop, spend};
 use crate::api::{ApiError, PauseReason, SubmitBody};
 use crate::ingest::Folders;
 use crate::manifest::RowReader;
-use crate::store::{BatchPhase, BatchSeq, Claim, Op, RowKey, RowRecord, RowState, Store, now_ms};
+use crate::store::{
+    BatchPhase, BatchRecord, BatchSeq, Claim, Op, RowKey, RowRecord, RowState, Store, now_ms,
+};
 use crate::supervisor::Beat;
 
 /// Most rows claimed (and flushed) together.
@@ -248,6 +250,8 @@ pub(super) struct Feed {
     downloading: u64,
     /// Which batch goes first in the next round.
     turn: usize,
+    /// The batches that could give rows at the last fill.
+    eligible: Vec<BatchSeq>,
 }
 
 impl Feed {
@@ -288,6 +292,21 @@ impl Feed {
     fn fill(&mut self, store: &Store, folders: &Folders, want: usize) -> Result<usize, FeedError> {
         let active = store.active_batches()?;
         self.downloading = active.iter().map(|b| b.counts.downloading).sum();
+        let can_give = |b: &BatchRecord| {
+            b.phase == BatchPhase::Active && b.unclaimed() > 0 && !b.cancelled && !b.paused
+        };
+        let now_eligible: Vec<BatchSeq> = active
+            .iter()
+            .filter(|b| can_give(b))
+            .map(|b| b.seq)
+            .collect();
+        if now_eligible.iter().any(|s| !self.eligible.contains(s)) {
+            // A batch just became active: rows read ahead would make it wait
+            // behind them. Nothing read ahead is claimed yet, so it can be
+            // read again, in rounds that include the newcomer.
+            self.reset();
+        }
+        self.eligible = now_eligible;
         if self.pending.len() >= want {
             return Ok(self.pending.len());
         }
@@ -305,12 +324,7 @@ impl Feed {
                 self.pending.push_back(Claim::Again(key));
             }
         }
-        let eligible: Vec<_> = active
-            .iter()
-            .filter(|b| {
-                b.phase == BatchPhase::Active && b.unclaimed() > 0 && !b.cancelled && !b.paused
-            })
-            .collect();
+        let eligible: Vec<_> = active.iter().filter(|b| can_give(b)).collect();
         self.readers
             .retain(|seq, _| eligible.iter().any(|b| b.seq == *seq));
         if eligible.is_empty() {
