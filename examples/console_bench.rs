@@ -22,11 +22,13 @@
 use std::fs;
 use std::io::Write;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-type BoxError = Box<dyn std::error::Error>;
+mod bench_util;
+
+use bench_util::{BoxError, binary, cpu_seconds};
 
 fn arg(n: usize, default: u64) -> Result<u64, BoxError> {
     match std::env::args().nth(n) {
@@ -43,44 +45,6 @@ impl Drop for Reaped {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
-}
-
-fn binary() -> Result<PathBuf, BoxError> {
-    let exe = std::env::current_exe()?;
-    // target/release/examples/console_bench -> target/release/infinitetalk-batch
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("cannot locate the target folder")?;
-    let bin = dir.join("infinitetalk-batch");
-    if !bin.exists() {
-        return Err(format!(
-            "{} missing: run `cargo build --release` first",
-            bin.display()
-        )
-        .into());
-    }
-    Ok(bin)
-}
-
-/// User + system CPU seconds of a live process.
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = stat.rsplit_once(") ")?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let utime: f64 = fields.get(11)?.parse().ok()?;
-    let stime: f64 = fields.get(12)?.parse().ok()?;
-    Some((utime + stime) / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }
 
 fn write_manifest(path: &Path, rows: u64) -> Result<(), BoxError> {

@@ -22,7 +22,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bench_util::{BoxError, Dirs, binary, spawn_daemon, terminate};
+use bench_util::{BoxError, Dirs, binary, daemon_args, spawn_daemon, terminate};
 use infinitetalk_batch::simulator::{self, SimArgs};
 use infinitetalk_batch::store::Store;
 use tokio_util::sync::CancellationToken;
@@ -74,20 +74,7 @@ async fn run(
 ) -> Result<(f64, f64), BoxError> {
     let dirs = Dirs::new()?;
     let listen: SocketAddr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let ms = |d: f64| format!("{:.0}ms", d * 1000.0 * TIME_FACTOR);
-    let args: Vec<String> = [
-        "--max-concurrent",
-        &slots.to_string(),
-        "--max-requests-per-minute",
-        &RATE.to_string(),
-        "--poll-min",
-        &ms(2.0),
-        "--poll-max",
-        &ms(1800.0),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = daemon_args(slots, RATE, TIME_FACTOR);
     let mut child = spawn_daemon(bin, &dirs, base, listen, &args, 0)?;
     if big > 0 {
         dirs.drop_manifest("big.csv", &manifest("big", big, base))?;

@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use bench_util::{BoxError, Dirs, binary, spawn_daemon, terminate};
+use bench_util::{BoxError, Dirs, binary, daemon_args, spawn_daemon, terminate};
 use infinitetalk_batch::simulator::{self, SimArgs, SimHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -65,20 +65,7 @@ async fn main() -> Result<(), BoxError> {
     let base = sim.base_url();
     let dirs = Dirs::new()?;
     let listen: SocketAddr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-    let ms = |d: f64| format!("{:.0}ms", d * 1000.0 * TIME_FACTOR);
-    let args: Vec<String> = [
-        "--max-concurrent",
-        &SLOTS.to_string(),
-        "--max-requests-per-minute",
-        &RATE.to_string(),
-        "--poll-min",
-        &ms(2.0),
-        "--poll-max",
-        &ms(1800.0),
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = daemon_args(SLOTS, RATE, TIME_FACTOR);
     let mut text = String::from("id,image_url,audio_url\n");
     for i in 0..rows {
         text.push_str(&format!(

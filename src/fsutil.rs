@@ -62,25 +62,23 @@ pub(crate) fn remove_temps(path: &Path) -> io::Result<()> {
         return Ok(());
     };
     let prefix = format!(".{name}.");
-    let entries = match fs::read_dir(parent(path)) {
-        Ok(entries) => entries,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(e) => return Err(e),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let file = entry.file_name().to_string_lossy().into_owned();
-        if file.starts_with(&prefix) && file.ends_with(".tmp") && entry.file_type()?.is_file() {
-            fs::remove_file(entry.path())?;
-        }
-    }
-    Ok(())
+    remove_where(parent(path), |file, kind| {
+        file.starts_with(&prefix) && file.ends_with(".tmp") && kind.is_file()
+    })
 }
 
 /// Removes every hidden `.*.part` entry of `dir` (files or links, never
 /// followed): once a batch has ended no download of it runs, so they are
 /// leftovers of killed or abandoned downloads.
 pub(crate) fn remove_parts(dir: &Path) -> io::Result<()> {
+    remove_where(dir, |file, kind| {
+        file.starts_with('.') && file.ends_with(".part") && (kind.is_file() || kind.is_symlink())
+    })
+}
+
+/// Removes the entries of `dir` whose name and type `doomed` picks (a
+/// missing folder has none).
+fn remove_where(dir: &Path, doomed: impl Fn(&str, fs::FileType) -> bool) -> io::Result<()> {
     let entries = match fs::read_dir(dir) {
         Ok(entries) => entries,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -88,10 +86,7 @@ pub(crate) fn remove_parts(dir: &Path) -> io::Result<()> {
     };
     for entry in entries {
         let entry = entry?;
-        let file = entry.file_name().to_string_lossy().into_owned();
-        let kind = entry.file_type()?;
-        if file.starts_with('.') && file.ends_with(".part") && (kind.is_file() || kind.is_symlink())
-        {
+        if doomed(&entry.file_name().to_string_lossy(), entry.file_type()?) {
             fs::remove_file(entry.path())?;
         }
     }

@@ -77,6 +77,22 @@ pub(crate) fn spawn_daemon(
         .spawn()?)
 }
 
+/// `run` flags for `slots` and `rate`, with the default poll bounds (2 s,
+/// 30 min) scaled by the simulator's `time_factor`, as its durations are.
+pub(crate) fn daemon_args(slots: u32, rate: u32, time_factor: f64) -> Vec<String> {
+    let ms = |d: f64| format!("{:.0}ms", d * 1000.0 * time_factor);
+    vec![
+        "--max-concurrent".into(),
+        slots.to_string(),
+        "--max-requests-per-minute".into(),
+        rate.to_string(),
+        "--poll-min".into(),
+        ms(2.0),
+        "--poll-max".into(),
+        ms(1800.0),
+    ]
+}
+
 /// Stops a daemon gracefully and waits for it.
 pub(crate) fn terminate(child: &mut Child) {
     let _ = Command::new("kill")
