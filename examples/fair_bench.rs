@@ -22,8 +22,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use bench_util::{BoxError, Dirs, binary, daemon_args, spawn_daemon, terminate};
-use infinitetalk_batch::simulator::{self, SimArgs};
+use bench_util::{BoxError, Dirs, binary, daemon_args, spawn_daemon, start_sim, terminate};
 use infinitetalk_batch::store::Store;
 use tokio_util::sync::CancellationToken;
 
@@ -107,18 +106,7 @@ async fn main() -> Result<(), BoxError> {
     let small = arg(2, 20)?;
     let bin = binary()?;
     let stop = CancellationToken::new();
-    let sim = simulator::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        SimArgs {
-            time_factor: TIME_FACTOR,
-            seed: Some(4),
-            max_requests_per_minute: RATE,
-            max_concurrent: SLOTS,
-            ..SimArgs::default()
-        },
-        stop.clone(),
-    )
-    .await?;
+    let sim = start_sim(SLOTS, RATE, TIME_FACTOR, stop.clone()).await?;
     let base = sim.base_url();
     let (alone_start, alone) = run(&bin, &base, SLOTS / 2, 0, small).await?;
     let (start, shared) = run(&bin, &base, SLOTS, big, small).await?;

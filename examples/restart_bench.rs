@@ -23,8 +23,8 @@ use std::collections::VecDeque;
 use std::net::{SocketAddr, TcpListener};
 use std::time::{Duration, Instant};
 
-use bench_util::{BoxError, Dirs, binary, daemon_args, spawn_daemon, terminate};
-use infinitetalk_batch::simulator::{self, SimArgs, SimHandle};
+use bench_util::{BoxError, Dirs, binary, daemon_args, spawn_daemon, start_sim, terminate};
+use infinitetalk_batch::simulator::SimHandle;
 use tokio_util::sync::CancellationToken;
 
 const SLOTS: u32 = 1000;
@@ -50,18 +50,7 @@ async fn main() -> Result<(), BoxError> {
     };
     let bin = binary()?;
     let stop = CancellationToken::new();
-    let sim = simulator::start(
-        SocketAddr::from(([127, 0, 0, 1], 0)),
-        SimArgs {
-            time_factor: TIME_FACTOR,
-            seed: Some(4),
-            max_requests_per_minute: RATE,
-            max_concurrent: SLOTS,
-            ..SimArgs::default()
-        },
-        stop.clone(),
-    )
-    .await?;
+    let sim = start_sim(SLOTS, RATE, TIME_FACTOR, stop.clone()).await?;
     let base = sim.base_url();
     let dirs = Dirs::new()?;
     let listen: SocketAddr = TcpListener::bind("127.0.0.1:0")?.local_addr()?;

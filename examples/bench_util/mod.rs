@@ -93,6 +93,24 @@ pub(crate) fn daemon_args(slots: u32, rate: u32, time_factor: f64) -> Vec<String
     ]
 }
 
+/// The built-in simulator on loopback with the daemon's limits, seeded.
+pub(crate) async fn start_sim(
+    slots: u32,
+    rate: u32,
+    time_factor: f64,
+    stop: tokio_util::sync::CancellationToken,
+) -> Result<infinitetalk_batch::simulator::SimHandle, BoxError> {
+    use infinitetalk_batch::simulator::{self, SimArgs};
+    let args = SimArgs {
+        time_factor,
+        seed: Some(4),
+        max_requests_per_minute: rate,
+        max_concurrent: slots,
+        ..SimArgs::default()
+    };
+    Ok(simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), args, stop).await?)
+}
+
 /// Stops a daemon gracefully and waits for it.
 pub(crate) fn terminate(child: &mut Child) {
     let _ = Command::new("kill")

@@ -101,13 +101,36 @@ pub fn spawn_with_env(
     log_n: usize,
     env: &[(&str, &str)],
 ) -> Child {
+    let mut cmd = daemon_command(
+        dirs,
+        dirs.outbox.as_os_str(),
+        api_base,
+        listen,
+        extra,
+        log_n,
+    );
+    cmd.envs(env.iter().copied());
+    cmd.spawn().expect("daemon starts")
+}
+
+/// `infinitetalk-batch run` on the folders of `dirs` (outbox `outbox`),
+/// with none of the caller's API or systemd environment, logging to
+/// `dirs.log_path(log_n)`.
+fn daemon_command(
+    dirs: &Dirs,
+    outbox: &std::ffi::OsStr,
+    api_base: &str,
+    listen: SocketAddr,
+    extra: &[&str],
+    log_n: usize,
+) -> Command {
     let log = fs::File::create(dirs.log_path(log_n)).expect("log file");
     let mut cmd = Command::new(BIN);
     cmd.arg("run")
         .arg("--inbox")
         .arg(&dirs.inbox)
         .arg("--outbox")
-        .arg(&dirs.outbox)
+        .arg(outbox)
         .arg("--state")
         .arg(&dirs.state)
         .arg("--api-base")
@@ -122,11 +145,10 @@ pub fn spawn_with_env(
         .env_remove("WATCHDOG_PID")
         .env_remove("CREDENTIALS_DIRECTORY")
         .env("RUST_LOG", "info")
-        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log));
-    cmd.spawn().expect("daemon starts")
+    cmd
 }
 
 /// Sends SIGTERM and waits up to `limit` for the exit status.
@@ -315,30 +337,14 @@ pub fn spawn_s3_daemon(
     log_n: usize,
     env: &[(&'static str, String)],
 ) -> std::process::Child {
-    let log = std::fs::File::create(dirs.log_path(log_n)).expect("log file");
-    let mut cmd = std::process::Command::new(BIN);
-    cmd.arg("run")
-        .arg("--inbox")
-        .arg(&dirs.inbox)
-        .arg("--outbox")
-        .arg(outbox)
-        .arg("--state")
-        .arg(&dirs.state)
-        .arg("--api-base")
-        .arg(api_base)
-        .arg("--listen")
-        .arg(listen.to_string())
-        .args(extra)
-        .env("APIXO_API_KEY", KEY)
-        .env_remove("APIXO_API_BASE")
-        .env_remove("NOTIFY_SOCKET")
-        .env_remove("WATCHDOG_USEC")
-        .env_remove("WATCHDOG_PID")
-        .env_remove("CREDENTIALS_DIRECTORY")
-        .env("RUST_LOG", "info")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::from(log));
+    let mut cmd = daemon_command(
+        dirs,
+        std::ffi::OsStr::new(outbox),
+        api_base,
+        listen,
+        extra,
+        log_n,
+    );
     // Only what the test gives: no AWS_* of the machine running the tests.
     for (k, _) in std::env::vars() {
         if k.starts_with("AWS_") {
