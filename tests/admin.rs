@@ -16,15 +16,6 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 
 const POLL_FAST: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "1s"];
 
-/// A daemon that is killed if its test ends (or panics) before stopping it.
-struct Daemon(std::process::Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        kill9(&mut self.0);
-    }
-}
-
 fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
@@ -173,7 +164,7 @@ async fn changing_requests_need_the_token_and_never_come_from_another_site() {
     let dirs = Dirs::new();
     write_manifest(&dirs.inbox, "b.csv", &failed_rows(1, 2));
     let listen = free_addr();
-    let mut daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 0));
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 0);
     let token = wait_up(&dirs, listen).await;
     let ended = wait_status(listen, None, Duration::from_secs(60), |r| {
         r.batches
@@ -323,7 +314,7 @@ async fn changing_requests_need_the_token_and_never_come_from_another_site() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(terminate(&mut daemon.0, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
     let log = log_text(&dirs, 0);
     assert!(!log.contains(&token), "the admin token is logged");
     assert!(!log.contains(&cookie), "a session is logged");
@@ -338,7 +329,7 @@ async fn a_listener_off_loopback_needs_the_token_to_read() {
     let dirs = Dirs::new();
     let port = free_addr().port();
     let listen: SocketAddr = format!("0.0.0.0:{port}").parse().expect("addr");
-    let mut daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 0));
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 0);
     let token = wait_up(&dirs, listen).await;
     let host = format!("127.0.0.1:{port}");
     let h = [("host", host.as_str())];
@@ -412,7 +403,7 @@ async fn a_listener_off_loopback_needs_the_token_to_read() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(text.contains("\"live\": true"), "{text}");
-    assert!(terminate(&mut daemon.0, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
     sim.stop().await;
 }
 
@@ -425,7 +416,7 @@ async fn callback_listen_serves_the_callback_route_alone() {
     write_manifest(&dirs.inbox, "cb.csv", &failed_rows(3, 0));
     let listen = free_addr();
     let cb = free_addr();
-    let mut daemon = Daemon(spawn_daemon(
+    let mut daemon = spawn_daemon(
         &dirs,
         &sim.url(),
         listen,
@@ -440,7 +431,7 @@ async fn callback_listen_serves_the_callback_route_alone() {
             &format!("http://{cb}"),
         ],
         0,
-    ));
+    );
     let _token = wait_up(&dirs, listen).await;
     // Callbacks (sent to the callback listener) finish the rows long before
     // the 60 s poll.
@@ -474,7 +465,7 @@ async fn callback_listen_serves_the_callback_route_alone() {
     );
     // The main listener has no callback route.
     assert_eq!(post(listen, &path, &[]).await, StatusCode::NOT_FOUND);
-    assert!(terminate(&mut daemon.0, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
     sim.stop().await;
 }
 
@@ -484,15 +475,15 @@ async fn the_admin_token_is_private_and_kept_across_restarts() {
     let sim = Sim::start(fast_sim()).await;
     let dirs = Dirs::new();
     let listen = free_addr();
-    let mut daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 0));
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 0);
     let first = wait_up(&dirs, listen).await;
     assert!(first.bytes().all(|b| b.is_ascii_hexdigit()), "{first}");
     let path = dirs.state.join("admin-token");
     let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
     assert_eq!(mode & 0o777, 0o600, "{mode:o}");
-    assert!(terminate(&mut daemon.0, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
 
-    let mut daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 1));
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &POLL_FAST, 1);
     let _ = wait_status(listen, None, Duration::from_secs(30), |_| true).await;
     assert_eq!(token(&dirs), first);
     assert_eq!(
@@ -504,6 +495,6 @@ async fn the_admin_token_is_private_and_kept_across_restarts() {
         .await,
         StatusCode::OK
     );
-    assert!(terminate(&mut daemon.0, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
     sim.stop().await;
 }

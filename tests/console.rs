@@ -25,15 +25,6 @@ const DRIVER: &str = "/usr/bin/chromedriver";
 /// Longest wait for anything the page should show.
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A daemon killed when its test ends.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        kill9(&mut self.0);
-    }
-}
-
 /// chromedriver on a free loopback port, and one browser session on it.
 struct Browser {
     driver: Child,
@@ -211,7 +202,7 @@ async fn console_in_a_browser() {
     let sim = Sim::start(fast_sim()).await;
     let dirs = Dirs::new();
     let listen = free_addr();
-    let _daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &POLL, 0));
+    let _daemon = spawn_daemon(&dirs, &sim.url(), listen, &POLL, 0);
     wait_up(&dirs, listen).await;
     let base = format!("http://{listen}");
     let b = Browser::start().await;
@@ -508,7 +499,7 @@ async fn search_a_row_in_a_large_batch() {
     let dirs = Dirs::new();
     let listen = free_addr();
     let extra = with_poll(&["--max-concurrent", "4", "--max-requests-per-minute", "120"]);
-    let _daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &extra, 0));
+    let _daemon = spawn_daemon(&dirs, &sim.url(), listen, &extra, 0);
     wait_up(&dirs, listen).await;
     let big = rows("row-", 100_000, |_| "sim_audio_seconds=600".into());
     write_manifest(&dirs.inbox, "big.csv", &big);
@@ -575,7 +566,7 @@ async fn search_a_row_in_a_large_batch() {
     let mut daemon = _daemon;
     let stopped = Instant::now();
     assert!(
-        terminate(&mut daemon.0, Duration::from_secs(20)).is_some_and(|s| s.success()),
+        terminate(&mut daemon, Duration::from_secs(20)).is_some_and(|s| s.success()),
         "a graceful stop with a console open"
     );
     assert!(
@@ -588,7 +579,7 @@ async fn search_a_row_in_a_large_batch() {
         "return document.querySelector('#live').dataset.state === 'down'",
     )
     .await;
-    let _daemon = Daemon(spawn_daemon(&dirs, &sim.url(), listen, &extra, 1));
+    let _daemon = spawn_daemon(&dirs, &sim.url(), listen, &extra, 1);
     write_manifest(
         &dirs.inbox,
         "after.csv",

@@ -409,7 +409,7 @@ fn spawn_in_callback_mode(
     dirs: &Dirs,
     sim: &Sim,
     poll_min: &str,
-) -> (std::process::Child, std::net::SocketAddr) {
+) -> (Daemon, std::net::SocketAddr) {
     let listen = free_addr();
     let callback_base = format!("http://{listen}");
     let daemon = spawn_with_env(

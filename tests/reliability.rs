@@ -7,38 +7,12 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use common::*;
 use infinitetalk_batch::simulator::{CreditsStyle, Faults, SimArgs};
 use infinitetalk_batch::store::{RowState, Store};
 use rand::{Rng, SeedableRng};
-
-/// Kills the daemon if a test panics before it is stopped.
-struct Daemon(Option<Child>);
-
-impl Daemon {
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
-        self.0
-            .as_mut()
-            .and_then(|c| terminate(c, Duration::from_secs(25)))
-    }
-    fn kill9(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            kill9(c);
-        }
-        self.0 = None;
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(c) = self.0.as_mut() {
-            kill9(c);
-        }
-    }
-}
 
 // ---------------------------------------------------------------------------
 // Crash campaign
@@ -83,20 +57,20 @@ async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64) -> 
     let mut moments = Vec::with_capacity(kills);
     let mut run = 0;
     for _ in 0..kills {
-        let mut daemon = Daemon(Some(spawn_daemon(&dirs, &sim.url(), listen, &extra, run)));
+        let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &extra, run);
         let wait = rng.random_range(30..max_wait_ms);
         moments.push(wait);
         tokio::time::sleep(Duration::from_millis(wait)).await;
-        daemon.kill9();
+        kill9(&mut daemon);
         run += 1;
         if dirs.batch_dir("campaign").join("results.csv").exists() {
             // Finished early: the remaining kills hit an idle daemon, which
             // proves less; keep going anyway (restarts must stay harmless).
         }
     }
-    let mut daemon = Daemon(Some(spawn_daemon(&dirs, &sim.url(), listen, &extra, run)));
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &extra, run);
     let finished = wait_results(&dirs, "campaign", Duration::from_secs(600)).await;
-    let status = daemon.terminate();
+    let status = terminate(&mut daemon, Duration::from_secs(25));
     assert!(
         finished,
         "batch did not finish; last log:\n{}",
@@ -283,15 +257,9 @@ async fn run_case(name: &str, case: Case) -> (infinitetalk_batch::simulator::Sim
     // is raised so that a row's unlucky streak does not end it.
     let mut flags = case.flags.clone();
     flags.extend(["--max-ambiguous-submits", "50"]);
-    let mut daemon = Daemon(Some(spawn_daemon(
-        &dirs,
-        &sim.url(),
-        listen,
-        &with_poll(&flags),
-        0,
-    )));
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &with_poll(&flags), 0);
     let finished = wait_results(&dirs, name, Duration::from_secs(120)).await;
-    daemon.terminate();
+    terminate(&mut daemon, Duration::from_secs(25));
     let log = log_text(&dirs, 0);
     assert!(finished, "{name}: did not finish; log:\n{log}");
     let results = check_results_against_sim(&dirs, name, &sim.handle);
@@ -551,13 +519,7 @@ async fn a_full_outbox_waits_and_resumes() {
         }),
     );
     let listen = free_addr();
-    let mut daemon = Daemon(Some(spawn_daemon(
-        &dirs,
-        &sim.url(),
-        listen,
-        &with_poll(&[]),
-        0,
-    )));
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &with_poll(&[]), 0);
     // Once the batch is accepted, fill the disk before any task can finish.
     let manifest = dirs.batch_dir("disk").join("manifest.csv");
     assert!(
@@ -594,7 +556,7 @@ async fn a_full_outbox_waits_and_resumes() {
     );
     std::fs::remove_file(&filler).expect("free the space");
     let finished = wait_results(&dirs, "disk", Duration::from_secs(90)).await;
-    daemon.terminate();
+    terminate(&mut daemon, Duration::from_secs(25));
     assert!(finished, "did not resume; log:\n{}", log_text(&dirs, 0));
     let rows = check_results_against_sim(&dirs, "disk", &sim.handle);
     assert!(rows.iter().all(|r| r["state"] == "done"));

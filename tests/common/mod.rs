@@ -80,6 +80,30 @@ impl Sim {
     }
 }
 
+/// A running daemon: killed and reaped when dropped, so a test that fails
+/// before it stops its daemon leaves no process behind. Derefs to the
+/// [`Child`], so [`terminate`] and [`kill9`] take it as they take a `Child`.
+pub struct Daemon(Child);
+
+impl std::ops::Deref for Daemon {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Daemon {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        kill9(&mut self.0);
+    }
+}
+
 /// Starts the real daemon on `dirs` against `api_base`.
 pub fn spawn_daemon(
     dirs: &Dirs,
@@ -87,7 +111,7 @@ pub fn spawn_daemon(
     listen: SocketAddr,
     extra: &[&str],
     log_n: usize,
-) -> Child {
+) -> Daemon {
     spawn_with_env(dirs, api_base, listen, extra, log_n, &[])
 }
 
@@ -100,7 +124,7 @@ pub fn spawn_with_env(
     extra: &[&str],
     log_n: usize,
     env: &[(&str, &str)],
-) -> Child {
+) -> Daemon {
     let mut cmd = daemon_command(
         dirs,
         dirs.outbox.as_os_str(),
@@ -110,7 +134,7 @@ pub fn spawn_with_env(
         log_n,
     );
     cmd.envs(env.iter().copied());
-    cmd.spawn().expect("daemon starts")
+    Daemon(cmd.spawn().expect("daemon starts"))
 }
 
 /// `infinitetalk-batch run` on the folders of `dirs` (outbox `outbox`),
@@ -336,7 +360,7 @@ pub fn spawn_s3_daemon(
     extra: &[&str],
     log_n: usize,
     env: &[(&'static str, String)],
-) -> std::process::Child {
+) -> Daemon {
     let mut cmd = daemon_command(
         dirs,
         std::ffi::OsStr::new(outbox),
@@ -352,5 +376,5 @@ pub fn spawn_s3_daemon(
         }
     }
     cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
-    cmd.spawn().expect("daemon starts")
+    Daemon(cmd.spawn().expect("daemon starts"))
 }
