@@ -294,15 +294,37 @@ fn random_concurrent_operations_keep_the_store_consistent() {
         let seq = batch.seq;
         let barrier = Arc::new(Barrier::new(THREADS + 1));
         let retried = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        // A worker's failure is reported by the main thread: a worker that
+        // panicked would leave the others waiting at the barrier for ever.
+        let failure: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
         let workers: Vec<_> = (0..THREADS)
             .map(|t| {
-                let (store, barrier, retried) = (store.clone(), barrier.clone(), retried.clone());
+                let (store, barrier, retried, failure) = (
+                    store.clone(),
+                    barrier.clone(),
+                    retried.clone(),
+                    failure.clone(),
+                );
                 std::thread::spawn(move || {
                     let mut rng = StdRng::seed_from_u64(seed * 100 + t as u64);
                     for _ in 0..ROUNDS {
                         barrier.wait();
-                        if step(&store, seq, &mut rng) {
-                            retried.store(true, std::sync::atomic::Ordering::SeqCst);
+                        let stepped =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                step(&store, seq, &mut rng)
+                            }));
+                        match stepped {
+                            Ok(true) => retried.store(true, std::sync::atomic::Ordering::SeqCst),
+                            Ok(false) => {}
+                            Err(panic) => {
+                                let msg = panic
+                                    .downcast_ref::<String>()
+                                    .cloned()
+                                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                                    .unwrap_or_default();
+                                let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+                                slot.get_or_insert(msg);
+                            }
                         }
                         barrier.wait();
                     }
@@ -313,6 +335,9 @@ fn random_concurrent_operations_keep_the_store_consistent() {
         for round in 0..ROUNDS {
             barrier.wait();
             barrier.wait();
+            if let Some(msg) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                panic!("seed {seed}, round {round}: a worker failed: {msg}");
+            }
             let was_retried = retried.swap(false, std::sync::atomic::Ordering::SeqCst);
             check(&store, seq, &mut finals, was_retried, round);
         }

@@ -614,9 +614,11 @@ impl Store {
             }
             let (k, _) = item.map_err(db_err)?;
             let key = parse_row_key(k.get(1..).unwrap_or_default())?;
-            match self.live_row(key)? {
-                Some(record) => out.push((key, record)),
-                None => return Err(StoreError::NoRow(key)),
+            // Changed (or archived) since the index was read: not in `state`.
+            if let Some(record) = self.live_row(key)?
+                && record.state == state
+            {
+                out.push((key, record));
             }
         }
         Ok(out)
@@ -760,14 +762,34 @@ impl Store {
     pub fn for_each_final_row(
         &self,
         seq: BatchSeq,
+        f: impl FnMut(u64, RowRecord) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let offsets = {
+            let one = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+            self.archived_offsets(seq, &one)?
+        };
+        self.visit_archived(seq, offsets, f)
+    }
+
+    /// Where each row's last archived record is, after moving the batch's
+    /// ended rows still in the database to the archive. Called holding the
+    /// archive's lock (`_held`).
+    fn archived_offsets(
+        &self,
+        seq: BatchSeq,
+        _held: &std::sync::MutexGuard<'_, ()>,
+    ) -> Result<Vec<Option<u64>>, StoreError> {
+        let batch = self.batch(seq)?;
+        self.retire_batch(seq)?;
+        self.archive.index(seq, batch.total_rows)
+    }
+
+    fn visit_archived(
+        &self,
+        seq: BatchSeq,
+        offsets: Vec<Option<u64>>,
         mut f: impl FnMut(u64, RowRecord) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
-        let batch = self.batch(seq)?;
-        let offsets = {
-            let _one = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
-            self.retire_batch(seq)?;
-            self.archive.index(seq, batch.total_rows)?
-        };
         if offsets.iter().all(Option::is_none) {
             return Ok(());
         }
@@ -802,8 +824,14 @@ impl Store {
         seq: BatchSeq,
         codes: Option<&[String]>,
     ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+        // Held to the end: a row whose archived record says failed must not
+        // go live, end and be archived again (done) between this read and
+        // the transaction below, or a stale failure would be retried (a
+        // done row paid twice).
+        let one = self.retiring.lock().unwrap_or_else(|p| p.into_inner());
+        let offsets = self.archived_offsets(seq, &one)?;
         let mut chosen = Vec::new();
-        self.for_each_final_row(seq, |row, r| {
+        self.visit_archived(seq, offsets, |row, r| {
             let code = r.fail_code.as_deref().unwrap_or("");
             if r.state == RowState::Failed && codes.is_none_or(|c| c.iter().any(|c| c == code)) {
                 chosen.push((RowKey { batch: seq, row }, r));
