@@ -124,7 +124,6 @@ fn bench(mb: u64) {
             ("AWS_ACCESS_KEY_ID", s3::ACCESS_KEY.to_owned()),
             ("AWS_SECRET_ACCESS_KEY", s3::SECRET_KEY.to_owned()),
             ("AWS_REGION", s3::REGION.to_owned()),
-            ("AWS_ALLOW_HTTP", "true".to_owned()),
         ]
         .map(|(k, v)| (k.to_owned(), v));
         let store = S3Outbox::build(target, vars, None).expect("client");

@@ -99,14 +99,30 @@ impl S3Outbox {
     ) -> Result<S3Outbox, String> {
         let mut builder = AmazonS3Builder::new();
         let mut set = std::collections::HashSet::new();
+        let mut plain_http = false;
         for (key, value) in vars {
             if key.starts_with("AWS_")
                 && !value.is_empty()
                 && let Ok(k) = key.to_ascii_lowercase().parse::<AmazonS3ConfigKey>()
             {
+                if matches!(
+                    k,
+                    AmazonS3ConfigKey::Endpoint | AmazonS3ConfigKey::S3Endpoint
+                ) {
+                    plain_http |= value.to_ascii_lowercase().starts_with("http://");
+                }
                 set.insert(key.to_ascii_lowercase());
                 builder = builder.with_config(k, value);
             }
+        }
+        // An endpoint the operator wrote as http:// is meant as such (as the
+        // AWS CLI takes it): object_store would refuse it without its own
+        // AWS_ALLOW_HTTP. SigV4 never sends the secret key itself.
+        if plain_http && !set.contains("aws_allow_http") {
+            builder = builder.with_config(
+                AmazonS3ConfigKey::Client(ClientConfigKey::AllowHttp),
+                "true",
+            );
         }
         if let Some(dir) = credentials {
             for (file, key) in CREDENTIAL_FILES {
@@ -324,7 +340,6 @@ mod tests {
             ("AWS_ACCESS_KEY_ID", "AKIDSHOULDNOTSHOW"),
             ("AWS_SECRET_ACCESS_KEY", "secret-should-not-show"),
             ("AWS_ENDPOINT_URL", "http://127.0.0.1:9"),
-            ("AWS_ALLOW_HTTP", "true"),
         ]
         .map(|(k, v)| (k.to_owned(), v.to_owned()));
         let out = S3Outbox::build(target, vars, None).expect("builds");

@@ -105,7 +105,6 @@ impl S3Server {
             ("AWS_ACCESS_KEY_ID", ACCESS_KEY.to_owned()),
             ("AWS_SECRET_ACCESS_KEY", secret.to_owned()),
             ("AWS_REGION", REGION.to_owned()),
-            ("AWS_ALLOW_HTTP", "true".to_owned()),
         ]
     }
 
