@@ -156,18 +156,8 @@ pub struct RunArgs {
     /// Public URL of this daemon's listener root; enables callback mode.
     #[arg(long, value_name = "URL")]
     pub callback_url: Option<String>,
-    /// Folder of the local files manifests may name instead of URLs
-    /// [default: INBOX/media].
-    #[arg(long, value_name = "DIR")]
-    pub media_root: Option<PathBuf>,
-    /// Public URL that reaches this daemon's listener (e.g. through a reverse
-    /// proxy); local files are served to the API under URL/media/TOKEN.
-    #[arg(long, value_name = "URL")]
-    pub media_url: Option<String>,
-    /// Object store for local files (s3://BUCKET/PREFIX): each uploaded once,
-    /// named by its content hash, and sent to the API as a presigned URL.
-    #[arg(long, value_name = "URL")]
-    pub media_store: Option<String>,
+    #[command(flatten)]
+    pub media: MediaArgs,
     /// Resolution for rows that leave it blank [default: 480p].
     #[arg(long, value_name = "480p|720p", value_parser = parse_resolution)]
     pub resolution: Option<Resolution>,
@@ -210,6 +200,24 @@ pub struct RunArgs {
     pub log_format: Option<LogFormat>,
 }
 
+/// Where local media files are and how the API gets them: the daemon's
+/// flags, which `validate` takes to check a manifest as that daemon would.
+#[derive(Debug, Clone, Default, Args)]
+pub struct MediaArgs {
+    /// Folder of the local files manifests may name instead of URLs
+    /// [default: the config's, else INBOX/media].
+    #[arg(long, value_name = "DIR")]
+    pub media_root: Option<PathBuf>,
+    /// Public URL that reaches the daemon's listener (e.g. through a reverse
+    /// proxy); local files are served to the API under URL/media/TOKEN.
+    #[arg(long, value_name = "URL")]
+    pub media_url: Option<String>,
+    /// Object store for local files (s3://BUCKET/PREFIX): each uploaded once,
+    /// named by its content hash, and sent to the API as a presigned URL.
+    #[arg(long, value_name = "URL")]
+    pub media_store: Option<String>,
+}
+
 #[derive(Debug, Args)]
 pub struct ValidateArgs {
     /// The manifest to check.
@@ -223,16 +231,8 @@ pub struct ValidateArgs {
     /// media settings, as the daemon would.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// Folder of the local files the manifest may name [default: the
-    /// config's, else INBOX/media].
-    #[arg(long, value_name = "DIR")]
-    pub media_root: Option<PathBuf>,
-    /// Check as a daemon started with this --media-url would.
-    #[arg(long, value_name = "URL")]
-    pub media_url: Option<String>,
-    /// Check as a daemon started with this --media-store would.
-    #[arg(long, value_name = "URL")]
-    pub media_store: Option<String>,
+    #[command(flatten)]
+    pub media: MediaArgs,
 }
 
 #[derive(Debug, Args)]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::cli::{LogFormat, RunArgs};
+use crate::cli::{LogFormat, MediaArgs, RunArgs};
 use crate::media::{MediaSettings, Publishing};
 use crate::spec::{Provider, Resolution, RowDefaults};
 
@@ -284,13 +284,7 @@ impl Settings {
             .clone()
             .or(file.inbox.clone())
             .unwrap_or_else(|| "inbox".into());
-        let media = media_settings(
-            args.media_root.clone(),
-            args.media_url.clone(),
-            args.media_store.clone(),
-            &file,
-            &inbox,
-        )?;
+        let media = media_settings(args.media.clone(), &file, &inbox)?;
         let api_base = args
             .api_base
             .clone()
@@ -517,17 +511,16 @@ impl Settings {
 /// The local-media settings from flags over the file over defaults; shared
 /// by `run` and `validate`, so that both check the same way.
 pub fn media_settings(
-    root_flag: Option<PathBuf>,
-    url_flag: Option<String>,
-    store_flag: Option<String>,
+    flags: MediaArgs,
     file: &FileSettings,
     inbox: &Path,
 ) -> Result<MediaSettings, ConfigError> {
-    let root = root_flag
+    let root = flags
+        .media_root
         .or_else(|| file.media_root.clone())
         .unwrap_or_else(|| MediaSettings::default_root(inbox));
-    let url = url_flag.or_else(|| file.media_url.clone());
-    let store = store_flag.or_else(|| file.media_store.clone());
+    let url = flags.media_url.or_else(|| file.media_url.clone());
+    let store = flags.media_store.or_else(|| file.media_store.clone());
     let publishing = match (url, store) {
         (Some(_), Some(_)) => {
             return Err(ConfigError::Invalid {
@@ -782,7 +775,7 @@ mod tests {
         a.simulate = true;
         a.outbox = Some("s3://talk-videos/acme/".into());
         a.state = Some("/srv/state".into());
-        a.media_store = Some("s3://talk-inputs/media".into());
+        a.media.media_store = Some("s3://talk-inputs/media".into());
         let s =
             Settings::merge(&a, FileSettings::default(), &Environment::default()).expect("valid");
         assert_eq!(
@@ -797,16 +790,16 @@ mod tests {
         );
         assert!(matches!(s.media.publishing, Publishing::Store(ref t) if t.prefix == "media"));
 
-        a.media_url = Some("https://media.example/".into());
+        a.media.media_url = Some("https://media.example/".into());
         let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
             .expect_err("both ways at once");
         assert!(err.to_string().contains("not both"), "{err}");
-        a.media_url = None;
-        a.media_store = Some("https://bucket.example/x".into());
+        a.media.media_url = None;
+        a.media.media_store = Some("https://bucket.example/x".into());
         let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
             .expect_err("not s3://");
         assert!(err.to_string().contains("media-store"), "{err}");
-        a.media_store = None;
+        a.media.media_store = None;
         a.outbox = Some("s3://Bad_Bucket".into());
         let err = Settings::merge(&a, FileSettings::default(), &Environment::default())
             .expect_err("bad bucket");

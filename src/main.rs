@@ -282,13 +282,8 @@ fn validate(args: &ValidateArgs) -> ExitCode {
         None => FileSettings::default(),
     };
     let inbox = file.inbox.clone().unwrap_or_else(|| "inbox".into());
-    let media = match infinitetalk_batch::config::media_settings(
-        args.media_root.clone(),
-        args.media_url.clone(),
-        args.media_store.clone(),
-        &file,
-        &inbox,
-    ) {
+    let media = match infinitetalk_batch::config::media_settings(args.media.clone(), &file, &inbox)
+    {
         Ok(m) => m,
         Err(e) => {
             eprintln!("infinitetalk-batch validate: {e}");
