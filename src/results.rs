@@ -173,7 +173,7 @@ fn result_cells(record: &RowRecord, simulated: bool) -> Vec<String> {
             .filter(|_| record.state.as_str() == "failed")
             .unwrap_or_default(),
         num(record.audio_seconds, 2),
-        num(record.cost_usd, 4),
+        num(record.paid_cost_usd(), 4),
     ];
     if simulated {
         cells.push("true".into());

@@ -274,6 +274,7 @@ async fn a_file_changed_after_acceptance_fails_its_row_unsent() {
         assert_eq!(r["state"], "failed", "{id}");
         assert_eq!(r["fail_code"], "MEDIA_CHANGED", "{id}");
         assert!(r["task_id"].is_empty(), "{id}: never sent");
+        assert!(r["cost_usd"].is_empty(), "{id}: nothing paid: {r:?}");
     }
     assert_eq!(row("touched")["state"], "done");
     let seconds: f64 = row("touched")["audio_seconds"].parse().expect("seconds");

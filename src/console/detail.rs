@@ -47,7 +47,7 @@ pub(crate) fn render(
                 @if let Some(s) = record.and_then(|r| r.audio_seconds) {
                     dt { "Audio" } dd { (format!("{s:.1}")) " s" }
                 }
-                @if let Some(usd_) = record.and_then(|r| r.cost_usd) {
+                @if let Some(usd_) = record.and_then(|r| r.paid_cost_usd()) {
                     dt { "Cost" } dd { (usd(usd_)) }
                 }
                 @if let Some(ms) = record.and_then(|r| r.cost_time_ms) {

@@ -162,6 +162,10 @@ pub struct RowRecord {
     /// have created a paid task); bounded by `max-ambiguous-submits`.
     #[serde(default)]
     pub ambiguous_submits: u32,
+    /// Claims given back because the audio's length could not be read
+    /// (`--probe`); bounded by the dispatcher's probe rule.
+    #[serde(default)]
+    pub probe_deferrals: u32,
     /// Files in the batch folder and the task whose result each holds. A
     /// file is taken as a task's output only when recorded here with that
     /// task: one left by an earlier task is downloaded over.
@@ -177,6 +181,16 @@ pub struct OutputFile {
 }
 
 impl RowRecord {
+    /// The cost of the row's task, when it has (or may have) had a paid
+    /// one: a task id, or a submit whose answer was lost (counted as paid).
+    /// A row that never reached a task (refused, bad or changed media) cost
+    /// nothing: what was reserved for it was refunded.
+    pub fn paid_cost_usd(&self) -> Option<f64> {
+        let sent =
+            self.task_id.is_some() || !self.previous_tasks.is_empty() || self.ambiguous_submits > 0;
+        self.cost_usd.filter(|_| sent)
+    }
+
     pub fn new(id: String, line: u64, spec: RowSpec) -> Self {
         RowRecord {
             id,
@@ -197,6 +211,7 @@ impl RowRecord {
             audio_seconds: None,
             cost_usd: None,
             ambiguous_submits: 0,
+            probe_deferrals: 0,
             files: Vec::new(),
         }
     }
