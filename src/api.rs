@@ -139,6 +139,8 @@ impl ApiError {
         message: String,
         retry_after: Option<Duration>,
     ) -> ApiError {
+        // An API may quote what it was sent: our presigned media URLs.
+        let message = crate::redact::presigned(&message).into_owned();
         // The body code wins when the HTTP status is a plain 200.
         let code = match body_code {
             Some(c) if http == 200 => u16::try_from(c).unwrap_or(500),
@@ -340,7 +342,10 @@ impl TaskStatus {
             state,
             result_urls,
             fail_code: data.fail_code.filter(|s| !s.is_empty()),
-            fail_msg: data.fail_msg.filter(|s| !s.is_empty()),
+            fail_msg: data
+                .fail_msg
+                .filter(|s| !s.is_empty())
+                .map(|s| crate::redact::presigned(&s).into_owned()),
             cost_time_ms,
         })
     }
@@ -569,7 +574,8 @@ fn network(e: reqwest::Error) -> ApiError {
     ApiError::Network(format!("{kind}: {}", error_chain(&e)))
 }
 
-/// An error with its sources, on one line.
+/// An error with its sources, on one line, without the query of a signed
+/// URL (an HTTP client's errors name the URL).
 pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
@@ -578,7 +584,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
         text.push_str(&s.to_string());
         source = s.source();
     }
-    text
+    crate::redact::presigned(&text).into_owned()
 }
 
 #[cfg(test)]

@@ -52,6 +52,7 @@ pub mod media;
 mod metrics;
 pub mod outbox;
 pub mod probe;
+mod redact;
 mod results;
 pub mod simulator;
 pub mod spec;

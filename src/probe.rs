@@ -263,7 +263,7 @@ async fn fetch(
         .timeout(timeout)
         .send()
         .await
-        .map_err(|e| ProbeError::Network(e.to_string()))?;
+        .map_err(|e| ProbeError::Network(crate::api::error_chain(&e)))?;
     let status = resp.status();
     let (whole, total, expected) = match status {
         StatusCode::PARTIAL_CONTENT => {
@@ -308,7 +308,7 @@ async fn fetch(
     while let Some(chunk) = stream.next().await {
         let chunk = chunk.map_err(|e| {
             if data.len() as u64 >= expected && !whole {
-                ProbeError::Network(e.to_string())
+                ProbeError::Network(crate::api::error_chain(&e))
             } else {
                 ProbeError::CutShort {
                     expected,

@@ -69,8 +69,10 @@ async fn reachable(shared: &Shared, raw: &str, audio: bool) -> Result<(), String
     }
 }
 
-/// The fail code of a task whose inputs cannot be fetched, if any.
-pub(crate) async fn check(shared: &Shared, req: &SubmitRequest) -> Option<&'static str> {
+/// The fail code of a task whose inputs cannot be fetched, and the URL that
+/// failed (quoted in the task's `failMsg`, as services do: a presigned URL
+/// comes back to the daemon this way), if any.
+pub(crate) async fn check(shared: &Shared, req: &SubmitRequest) -> Option<(&'static str, String)> {
     let images = req.image_urls.iter().map(|u| reachable(shared, u, false));
     let images = futures_util::future::join_all(images);
     let (images, audio) = tokio::join!(images, reachable(shared, &req.audio_url, true));
@@ -81,11 +83,11 @@ pub(crate) async fn check(shared: &Shared, req: &SubmitRequest) -> Option<&'stat
         .find_map(|(u, r)| r.err().map(|why| (u, why)))
     {
         tracing::info!(url = %redact(url), why, "simulator: image URL not fetchable; the task will fail");
-        return Some("INVALID_IMAGE_URL");
+        return Some(("INVALID_IMAGE_URL", url.clone()));
     }
     if let Err(why) = audio {
         tracing::info!(url = %redact(&req.audio_url), why, "simulator: audio URL not fetchable; the task will fail");
-        return Some("INVALID_AUDIO_URL");
+        return Some(("INVALID_AUDIO_URL", req.audio_url.clone()));
     }
     None
 }

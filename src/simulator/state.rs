@@ -444,7 +444,7 @@ impl Shared {
         &self,
         req: &SubmitRequest,
         credits_out: bool,
-        input_fail: Option<&str>,
+        input_fail: Option<(&str, String)>,
     ) -> Result<String, SubmitRefused> {
         let now = Instant::now();
         let mut g = self.lock();
@@ -470,9 +470,10 @@ impl Shared {
 
         let mut urls: Vec<&str> = req.image_urls.iter().map(String::as_str).collect();
         urls.push(&req.audio_url);
+        let failed_url = input_fail.as_ref().map(|(_, url)| url.clone());
         let fail_code = if credits_out {
             Some("INSUFFICIENT_CREDITS".to_string())
-        } else if let Some(code) = input_fail {
+        } else if let Some((code, _)) = input_fail {
             Some(code.to_owned())
         } else if let Some(code) = marker(&urls, "sim_fail") {
             Some(code)
@@ -497,7 +498,10 @@ impl Shared {
         };
         let outcome = match fail_code {
             Some(code) => Outcome::Failed {
-                msg: fail_message(&code),
+                msg: match failed_url.filter(|_| !credits_out) {
+                    Some(url) => format!("{}: {url}", fail_message(&code)),
+                    None => fail_message(&code),
+                },
                 code,
             },
             None => Outcome::Success {
