@@ -24,7 +24,7 @@ use crate::store::{BatchPhase, Op, Priority, RowState, Store, StoreError};
 
 /// Rows read from a manifest per store transaction when cancelling.
 const CANCEL_CHUNK: usize = 1000;
-const CANCEL_MSG: &str = "cancelled by the operator before submission";
+pub(crate) const CANCEL_MSG: &str = "cancelled by the operator before submission";
 
 /// Why a retry or cancel could not be done.
 #[derive(Debug, thiserror::Error)]

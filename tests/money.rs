@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
+use infinitetalk_batch::simulator::SimArgs;
 use infinitetalk_batch::status::Report;
 
 const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "1s"];
@@ -246,9 +247,19 @@ fn wav(seconds: u32) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn probed_rows_carry_their_cost_and_bad_audio_is_never_submitted() {
     use axum::routing::get;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let down_hits = std::sync::Arc::new(AtomicUsize::new(0));
+    let hits = down_hits.clone();
     let app = axum::Router::new()
         .route("/seven.wav", get(|| async { wav(7) }))
-        .route("/page.wav", get(|| async { "<html>not audio</html>" }));
+        .route("/page.wav", get(|| async { "<html>not audio</html>" }))
+        .route(
+            "/down.wav",
+            get(move || async move {
+                hits.fetch_add(1, Ordering::SeqCst);
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            }),
+        );
     let files = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -272,12 +283,27 @@ async fn probed_rows_carry_their_cost_and_bad_audio_is_never_submitted() {
             row("good", "seven.wav"),
             row("missing", "missing.wav"),
             row("page", "page.wav"),
+            row("down", "down.wav"),
         ],
     );
     let listen = free_addr();
     let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &args(&["--probe"]), 0);
+    // The row whose audio host stays down waits in the queue between rounds
+    // of tries without holding up the others.
+    let others_ended = wait_status(listen, Duration::from_secs(30), |r| {
+        r.batches
+            .first()
+            .is_some_and(|b| b.done == 1 && b.failed == 2)
+    })
+    .await;
+    assert!(
+        others_ended.is_some(),
+        "the other rows wait behind the unreadable one; log:\n{}",
+        log_text(&dirs, 0)
+    );
+    // ... and it fails after a bounded number of tries (about a minute).
     let path = results_path(&dirs, "probed");
-    let finished = wait_for(Duration::from_secs(60), || path.exists().then_some(())).await;
+    let finished = wait_for(Duration::from_secs(150), || path.exists().then_some(())).await;
     let report = status(listen).await;
     assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
     assert!(finished.is_some(), "log:\n{}", log_text(&dirs, 0));
@@ -296,10 +322,71 @@ async fn probed_rows_carry_their_cost_and_bad_audio_is_never_submitted() {
     assert!(by_id("missing")["fail_msg"].contains("HTTP 404"));
     assert_eq!(by_id("page")["fail_code"], "AUDIO_UNSUPPORTED");
     assert_eq!(by_id("page")["task_id"], "");
+    assert_eq!(by_id("down")["fail_code"], "AUDIO_PROBE_FAILED");
+    assert!(
+        by_id("down")["fail_msg"].contains("HTTP 503")
+            && by_id("down")["fail_msg"].contains("after 7 rounds of 3 tries"),
+        "{}",
+        by_id("down")["fail_msg"]
+    );
+    assert_eq!(
+        down_hits.load(Ordering::SeqCst),
+        21,
+        "7 rounds of 3 tries, then no more"
+    );
     assert_eq!(sim.handle.tasks().len(), 1, "bad audio is never submitted");
     let spend = report.and_then(|r| r.spend).expect("spend in status");
     assert!((spend.spent_usd - 0.21).abs() < 1e-9, "{spend:?}");
     assert!((spend.audio_seconds - 7.0).abs() < 1e-9, "{spend:?}");
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_batch_ends_when_its_running_rows_come_back_to_the_queue() {
+    // Tasks of 2.5 to 7.5 s, time enough to cancel while they run; each
+    // fails once with a service-side code, which queues its row again.
+    let sim = Sim::start(SimArgs {
+        time_factor: 0.05,
+        ..SimArgs::default()
+    })
+    .await;
+    let dirs = Dirs::new();
+    write_manifest(
+        &dirs.inbox,
+        "back.csv",
+        &rows("k", 3, |_| {
+            "sim_audio_seconds=5&sim_fail_once=PROCESSING_TIMEOUT".into()
+        }),
+    );
+    let listen = free_addr();
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &args(&[]), 0);
+    let running = wait_status(listen, Duration::from_secs(30), |r| {
+        r.batches.first().is_some_and(|b| b.in_flight == 3)
+    })
+    .await;
+    assert!(running.is_some(), "log:\n{}", log_text(&dirs, 0));
+    let (ok, text) = manage(&dirs, listen, &["cancel", "back"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("0 queued row(s) cancelled"), "{text}");
+    // The failed tasks would be submitted again: the cancel stops that, and
+    // the batch ends.
+    let path = results_path(&dirs, "back");
+    let written = wait_for(Duration::from_secs(60), || path.exists().then_some(())).await;
+    assert!(terminate(&mut daemon, Duration::from_secs(25)).is_some_and(|s| s.success()));
+    assert!(written.is_some(), "log:\n{}", log_text(&dirs, 0));
+    let results = read_results(&path);
+    assert_eq!(results.len(), 3);
+    assert!(
+        results
+            .iter()
+            .all(|r| r["state"] == "failed" && r["fail_code"] == "CANCELLED"),
+        "{results:?}"
+    );
+    assert_eq!(
+        sim.handle.tasks().len(),
+        3,
+        "no second task after the cancel"
+    );
     sim.stop().await;
 }
 

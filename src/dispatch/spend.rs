@@ -22,14 +22,30 @@ use crate::store::{Claim, Op, RowKey, RowRecord, StoreError};
 /// Probe attempts on transient errors before a row waits in the queue again.
 const PROBE_ATTEMPTS: u32 = 3;
 
+/// Rounds of [`PROBE_ATTEMPTS`] before a row whose audio cannot be read
+/// fails `AUDIO_PROBE_FAILED` (a retry starts the count again). Between
+/// rounds the row waits in the queue, longer each time (1 s doubling to
+/// 30 s, about a minute in all), without holding a slot: an audio host that
+/// is down for a minute costs nothing, one that stays down ends the batch.
+const PROBE_ROUNDS: u32 = 7;
+
+/// How long a row waits in the queue after its `deferrals`-th round failed.
+fn probe_wait(deferrals: u32) -> Duration {
+    backoff(
+        deferrals.saturating_sub(1),
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    )
+}
+
 /// What is to become of one claimed row.
 pub(super) enum Outcome {
     /// Submit it; it costs `usd` (`seconds` when probed).
     Submit { usd: f64, seconds: Option<f64> },
     /// Its audio is bad for good: fail it, unsent.
     Fail(ProbeError),
-    /// Its audio could not be read now: back to the queue.
-    Defer,
+    /// Its audio could not be read now: back to the queue, held for `wait`.
+    Defer { error: ProbeError, wait: Duration },
 }
 
 /// The cost counted for a row without a probed length.
@@ -49,7 +65,8 @@ async fn probe_row(engine: &Engine, url: &str) -> Result<f64, ProbeError> {
             Ok(p) => return Ok(p.seconds),
             Err(e) if e.is_transient() && attempt + 1 < PROBE_ATTEMPTS => {
                 attempt += 1;
-                tracing::warn!(url, error = %e, "cannot read the audio's length yet; retrying");
+                let url = crate::redact::presigned(url);
+                tracing::warn!(url = %url, error = %e, "cannot read the audio's length yet; retrying");
                 if !sleep_or_stop(
                     engine,
                     backoff(attempt, Duration::from_millis(500), Duration::from_secs(10)),
@@ -91,7 +108,7 @@ pub(super) async fn plan(
             let mut specs = std::collections::HashMap::new();
             for key in again {
                 if let Some(r) = s.live_row(key)? {
-                    specs.insert(key, r.spec);
+                    specs.insert(key, (r.spec, r.probe_deferrals));
                 }
             }
             Ok((specs, s.spend()?.usd))
@@ -104,13 +121,15 @@ pub(super) async fn plan(
             (std::collections::HashMap::new(), 0.0)
         }
     };
-    let specs: Vec<Option<RowSpec>> = group
+    let (specs, deferrals): (Vec<Option<RowSpec>>, Vec<u32>) = group
         .iter()
         .map(|(_, c)| match c {
-            Claim::Fresh { row, .. } => Some(row.spec.clone()),
-            Claim::Again(key) => again_specs.remove(key),
+            Claim::Fresh { row, .. } => (Some(row.spec.clone()), 0),
+            Claim::Again(key) => again_specs
+                .remove(key)
+                .map_or((None, 0), |(spec, d)| (Some(spec), d)),
         })
-        .collect();
+        .unzip();
     let keys: Vec<RowKey> = group
         .iter()
         .map(|(_, c)| match c {
@@ -141,7 +160,13 @@ pub(super) async fn plan(
     let mut kept = Vec::with_capacity(group.len());
     let mut outcomes = Vec::with_capacity(group.len());
     let mut rest = Vec::new();
-    for (((slot, claim), spec), probe) in group.into_iter().zip(specs).zip(probes) {
+    let rows = group
+        .into_iter()
+        .zip(specs)
+        .zip(probes)
+        .zip(keys)
+        .zip(deferrals);
+    for (((((slot, claim), spec), probe), key), deferrals) in rows {
         if !rest.is_empty() {
             rest.push(claim);
             continue;
@@ -160,7 +185,11 @@ pub(super) async fn plan(
                 usd: res.cost_usd(seconds),
                 seconds: Some(seconds),
             },
-            Some(Err(e)) if e.is_transient() => Outcome::Defer,
+            Some(Err(e)) if e.is_transient() && deferrals + 1 < PROBE_ROUNDS => {
+                let wait = probe_wait(deferrals + 1);
+                feed.hold(key, wait);
+                Outcome::Defer { error: e, wait }
+            }
             Some(Err(e)) => Outcome::Fail(e),
         };
         if let (Outcome::Submit { usd, .. }, Some(cap)) = (&outcome, cap)
@@ -223,7 +252,13 @@ pub(super) fn apply(
                 send.push((slot, key, record));
             }
             Outcome::Fail(e) => {
-                let msg = format!("audio_url: {e}");
+                let msg = if e.is_transient() {
+                    format!(
+                        "audio_url: {e} (after {PROBE_ROUNDS} rounds of {PROBE_ATTEMPTS} tries)"
+                    )
+                } else {
+                    format!("audio_url: {e}")
+                };
                 tracing::warn!(batch = %engine.batch_name(key.batch), row = %record.id, code = e.fail_code(), msg, "row failed");
                 let op = Op::SubmitFailed {
                     code: e.fail_code().to_owned(),
@@ -231,8 +266,9 @@ pub(super) fn apply(
                 };
                 engine.apply_blocking(key, op)?;
             }
-            Outcome::Defer => {
-                engine.apply_blocking(key, Op::Unsent)?;
+            Outcome::Defer { error, wait } => {
+                tracing::warn!(batch = %engine.batch_name(key.batch), row = %record.id, %error, wait = ?wait, "cannot read the audio's length; the row waits in the queue");
+                engine.apply_blocking(key, Op::ProbeDeferred)?;
             }
         }
     }

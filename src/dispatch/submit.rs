@@ -9,7 +9,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::OwnedSemaphorePermit;
 
@@ -156,7 +156,7 @@ impl Submitter {
                     continue;
                 }
             }
-            let counted = std::time::Instant::now();
+            let counted = Instant::now();
             if self
                 .beat
                 .wait(&engine.shutdown, engine.budget.acquire(Class::Submit))
@@ -227,10 +227,12 @@ impl Submitter {
     /// manifests are read there).
     async fn fill(&mut self) -> Result<usize, FeedError> {
         let mut feed = std::mem::take(&mut self.feed);
-        let store = self.engine.store.clone();
-        let folders = self.engine.folders.clone();
+        let engine = self.engine.clone();
         let (feed, filled) = tokio::task::spawn_blocking(move || {
-            let filled = feed.fill(&store, &folders, CLAIM_GROUP);
+            let filled = feed.fill(&engine.store, &engine.folders, CLAIM_GROUP);
+            for key in feed.cancelled.drain(..) {
+                end_cancelled(&engine, key);
+            }
             (feed, filled)
         })
         .await
@@ -252,6 +254,31 @@ pub(super) struct Feed {
     turn: usize,
     /// The batches that could give rows at the last fill.
     eligible: Vec<BatchSeq>,
+    /// Rows queued again that are not to be claimed before a time (their
+    /// audio could not be read). At most one entry a queued row; an entry
+    /// goes when its time has come.
+    not_before: HashMap<RowKey, Instant>,
+    /// Queued rows of cancelled batches found at the last fill, to be ended.
+    cancelled: Vec<RowKey>,
+}
+
+/// Ends a row of a cancelled batch that came back to the queue after the
+/// cancel (a service-side failure, a submit put back): a cancel stops the
+/// batch's submissions for good, and its batch must still end.
+fn end_cancelled(engine: &Engine, key: RowKey) {
+    let op = Op::Cancel {
+        msg: crate::manage::CANCEL_MSG.to_owned(),
+    };
+    match engine.apply_blocking(key, op) {
+        Ok(record) => {
+            tracing::info!(batch = %engine.batch_name(key.batch), row = %record.id, "row of a cancelled batch queued again; it ends failed (CANCELLED)");
+        }
+        // Claimed or ended meanwhile.
+        Err(crate::store::StoreError::WrongState { .. } | crate::store::StoreError::NoRow(_)) => {}
+        Err(e) => {
+            tracing::error!(batch = %engine.batch_name(key.batch), row = key.row, error = %e, "cannot end a queued row of a cancelled batch");
+        }
+    }
 }
 
 impl Feed {
@@ -275,6 +302,11 @@ impl Feed {
             self.queued_keys.remove(key);
         }
         claim
+    }
+
+    /// Keeps `key` (about to be queued again) out of the next claims for `wait`.
+    pub(super) fn hold(&mut self, key: RowKey, wait: Duration) {
+        self.not_before.insert(key, Instant::now() + wait);
     }
 
     /// Forgets read-ahead rows (after an error the cursors in the store are the truth).
@@ -316,11 +348,21 @@ impl Feed {
                 .find(|b| b.seq == seq)
                 .is_none_or(|b| b.paused || b.cancelled)
         };
+        let cancelled = |seq: BatchSeq| active.iter().any(|b| b.seq == seq && b.cancelled);
+        let now = Instant::now();
+        self.not_before.retain(|_, until| *until > now);
         for (key, _) in store.rows_in_state(RowState::Queued, want * 4)? {
             if self.pending.len() >= want {
                 break;
             }
-            if !held(key.batch) && self.queued_keys.insert(key) {
+            if cancelled(key.batch) {
+                self.cancelled.push(key);
+                continue;
+            }
+            if !held(key.batch)
+                && !self.not_before.contains_key(&key)
+                && self.queued_keys.insert(key)
+            {
                 self.pending.push_back(Claim::Again(key));
             }
         }
@@ -332,9 +374,16 @@ impl Feed {
         }
         self.turn = self.turn.wrapping_add(1);
         let start = self.turn % eligible.len();
+        // High before normal before low within a round; among batches of one
+        // priority, a different one goes first each round.
+        let mut order: Vec<usize> = (0..eligible.len()).collect();
+        order.sort_by_key(|&i| {
+            let rotated = (i + eligible.len() - start) % eligible.len();
+            (std::cmp::Reverse(eligible[i].priority.weight()), rotated)
+        });
         let mut exhausted = vec![false; eligible.len()];
         while self.pending.len() < want && exhausted.iter().any(|e| !e) {
-            for i in (0..eligible.len()).map(|k| (start + k) % eligible.len()) {
+            for &i in &order {
                 if exhausted[i] || self.pending.len() >= want {
                     continue;
                 }

@@ -5,11 +5,13 @@
 //!  (unclaimed) ──claim──▶ submitting ──task_created──▶ running ──succeeded──▶ downloading ──downloaded──▶ done
 //!       queued ──claim──▶     │  ▲ costed, ambiguous      │  │                   │  ▲ fresh_urls, file_saved
 //!         ▲  ▲                │  └────┘                   │  │                   └──┘
-//!         │  └──── unsent ────┤                           │  └─task_failed──▶ failed ◀──download_failed──┘
+//!         │  └─unsent/deferred┤                           │  └─task_failed──▶ failed ◀──download_failed──┘
 //!         │                   └─────── submit_failed ─────┼─────────────────▶ failed
 //!         └────────────────── resubmit (service-side code) ┘
 //!  queued ──cancel──▶ failed;   failed ──retry──▶ queued (a deliberate retry, each a new paid task)
 //! ```
+//!
+//! `deferred` is `probe_deferred`: the audio's length could not be read yet.
 //!
 //! A final row (`done`, `failed`) is changed by nothing but `retry`. An
 //! operation on a running or downloading row names the task it is about, and
@@ -29,9 +31,12 @@ pub enum Op {
     /// A submit of the row was sent and its answer lost or unreadable: it
     /// may have created a task. Counted on the row (the bound of retries).
     Ambiguous,
-    /// Back to the queue without a task: never sent (paused, deferred), or
-    /// found `submitting` after a crash.
+    /// Back to the queue without a task: never sent (paused), or found
+    /// `submitting` after a crash.
     Unsent,
+    /// Back to the queue because the audio's length could not be read now
+    /// (`--probe`). Counted on the row (the bound of such tries).
+    ProbeDeferred,
     /// The row ends without a task: refused by the API, bad audio, or a
     /// submit that stayed ambiguous past its bound.
     SubmitFailed { code: String, msg: String },
@@ -77,6 +82,7 @@ pub const TRANSITIONS: &[(&str, RowState, RowState)] = &[
     ("task_created", RowState::Submitting, RowState::Running),
     ("ambiguous", RowState::Submitting, RowState::Submitting),
     ("unsent", RowState::Submitting, RowState::Queued),
+    ("probe_deferred", RowState::Submitting, RowState::Queued),
     ("submit_failed", RowState::Submitting, RowState::Failed),
     ("succeeded", RowState::Running, RowState::Downloading),
     ("task_failed", RowState::Running, RowState::Failed),
@@ -96,6 +102,7 @@ impl Op {
             Op::TaskCreated { .. } => "task_created",
             Op::Ambiguous => "ambiguous",
             Op::Unsent => "unsent",
+            Op::ProbeDeferred => "probe_deferred",
             Op::SubmitFailed { .. } => "submit_failed",
             Op::Succeeded { .. } => "succeeded",
             Op::TaskFailed { .. } => "task_failed",
@@ -167,6 +174,7 @@ impl Op {
             }
             Op::Ambiguous => r.ambiguous_submits = r.ambiguous_submits.saturating_add(1),
             Op::Unsent => {}
+            Op::ProbeDeferred => r.probe_deferrals = r.probe_deferrals.saturating_add(1),
             Op::SubmitFailed { code, msg }
             | Op::DownloadFailed { code, msg }
             | Op::TaskFailed { code, msg, .. } => {
@@ -216,6 +224,7 @@ impl Op {
                 }
                 r.resubmits = 0;
                 r.ambiguous_submits = 0;
+                r.probe_deferrals = 0;
                 r.submitted_at_ms = None;
                 r.finished_at_ms = None;
                 r.downloaded_at_ms = None;
@@ -256,6 +265,7 @@ mod tests {
             },
             Op::Ambiguous,
             Op::Unsent,
+            Op::ProbeDeferred,
             Op::SubmitFailed {
                 code: "C".into(),
                 msg: "m".into(),
