@@ -233,6 +233,9 @@ struct Inner {
     hosts: Vec<String>,
     /// Any IP literal is a name of the listener (bound to 0.0.0.0 or ::).
     any_ip: bool,
+    /// Hosts of the public URLs (`--callback-url`, `--media-url`): the
+    /// console's origin when a reverse proxy serves it.
+    public_hosts: Vec<String>,
     tickets: Mutex<Vec<Secret>>,
     sessions: Mutex<Vec<Secret>>,
 }
@@ -260,11 +263,13 @@ impl Gate {
         if !ip.is_unspecified() {
             hosts.push(ip_host(ip));
         }
-        for url in config.callback_url.iter().chain(&config.public_urls) {
-            if let Some(host) = url.host_str() {
-                hosts.push(normalize_host(host));
-            }
-        }
+        let public_hosts: Vec<String> = config
+            .callback_url
+            .iter()
+            .chain(&config.public_urls)
+            .filter_map(|url| url.host_str().map(normalize_host))
+            .collect();
+        hosts.extend(public_hosts.iter().cloned());
         hosts.sort();
         hosts.dedup();
         Gate(Arc::new(Inner {
@@ -272,6 +277,7 @@ impl Gate {
             reading_open: ip.is_loopback(),
             hosts,
             any_ip: ip.is_unspecified(),
+            public_hosts,
             tickets: Mutex::new(Vec::new()),
             sessions: Mutex::new(Vec::new()),
         }))
@@ -291,6 +297,10 @@ impl Gate {
                 CsrfLayer::new()
                     .with_rejection_response(refuse_cross_site as fn(ProtectionError) -> Response),
             )
+            .layer(middleware::from_fn_with_state(
+                self.clone(),
+                require_own_origin,
+            ))
     }
 
     /// Guards reading routes: open on loopback, else the token or a session.
@@ -460,6 +470,10 @@ fn host_of(authority: &str) -> Option<String> {
 }
 
 fn refuse_cross_site(_: ProtectionError) -> Response {
+    cross_site_refused()
+}
+
+fn cross_site_refused() -> Response {
     tracing::warn!(
         "changing request refused: it comes from another site (Origin / Sec-Fetch-Site)"
     );
@@ -468,6 +482,35 @@ fn refuse_cross_site(_: ProtectionError) -> Response {
         "cross-site request refused: admin actions are taken only from this daemon's own pages or the command line\n",
     )
         .into_response()
+}
+
+/// Refuses a changing request whose `Origin` names another site, whatever
+/// its `Sec-Fetch-Site` says (tower-http's layer trusts a `same-origin`
+/// there without looking at `Origin`). Its own origin is the `Host` it was
+/// sent to, or a public URL's host (a reverse proxy in front).
+async fn require_own_origin(State(gate): State<Gate>, req: Request, next: Next) -> Response {
+    let Some(origin) = req.headers().get(header::ORIGIN) else {
+        return next.run(req).await;
+    };
+    let own = origin.to_str().ok().is_some_and(|origin| {
+        let Some(authority) = origin
+            .split_once("://")
+            .map(|(_, rest)| rest.trim_end_matches('/'))
+        else {
+            return false;
+        };
+        let sent_to = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| req.uri().authority().map(|a| a.as_str()));
+        sent_to.is_some_and(|h| h.eq_ignore_ascii_case(authority))
+            || host_of(authority).is_some_and(|h| gate.0.public_hosts.contains(&h))
+    });
+    if own {
+        return next.run(req).await;
+    }
+    cross_site_refused()
 }
 
 async fn require_admin(State(gate): State<Gate>, req: Request, next: Next) -> Response {

@@ -194,16 +194,29 @@ async fn changing_requests_need_the_token_and_never_come_from_another_site() {
         post(listen, "/admin/ticket", &[]).await,
         StatusCode::UNAUTHORIZED
     );
-    // Cross-site, with the right token: 403.
+    // Cross-site, with the right token: 403. Either header saying so is
+    // enough, even when the other says "same-origin".
+    let evil_same_origin = [
+        ("origin", "http://evil.example"),
+        ("sec-fetch-site", "same-origin"),
+        ("authorization", bearer),
+    ];
+    let other_port_same_origin = [
+        ("origin", "http://127.0.0.1:1"),
+        ("sec-fetch-site", "same-origin"),
+        ("authorization", bearer),
+    ];
     for headers in [
-        [("sec-fetch-site", "cross-site"), ("authorization", bearer)],
-        [("sec-fetch-site", "same-site"), ("authorization", bearer)],
-        [("origin", "http://evil.example"), ("authorization", bearer)],
-        [("origin", "http://127.0.0.1:1"), ("authorization", bearer)],
-        [("origin", "null"), ("authorization", bearer)],
+        &[("sec-fetch-site", "cross-site"), ("authorization", bearer)][..],
+        &[("sec-fetch-site", "same-site"), ("authorization", bearer)],
+        &[("origin", "http://evil.example"), ("authorization", bearer)],
+        &[("origin", "http://127.0.0.1:1"), ("authorization", bearer)],
+        &[("origin", "null"), ("authorization", bearer)],
+        &evil_same_origin,
+        &other_port_same_origin,
     ] {
         assert_eq!(
-            post(listen, retry, &headers).await,
+            post(listen, retry, headers).await,
             StatusCode::FORBIDDEN,
             "{headers:?}"
         );
@@ -284,11 +297,17 @@ async fn changing_requests_need_the_token_and_never_come_from_another_site() {
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(sim.handle.tasks().len(), 5);
+    // The console's own page: its origin is the address it was sent to.
+    let own_origin = format!("http://127.0.0.1:{}", listen.port());
     assert_eq!(
         post(
             listen,
             retry,
-            &[("cookie", &cookie), ("sec-fetch-site", "same-origin")]
+            &[
+                ("cookie", &cookie),
+                ("sec-fetch-site", "same-origin"),
+                ("origin", &own_origin)
+            ]
         )
         .await,
         StatusCode::OK
