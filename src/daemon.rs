@@ -286,6 +286,8 @@ pub async fn serve(
                     move |batch| {
                         tracing::info!(batch = %batch.name, rows = batch.total_rows, "batch queued");
                         engine.work.notify_one();
+                        // The finisher puts its manifest in an object-store outbox.
+                        let _ = engine.finished.send(batch.seq);
                     },
                     stop,
                 )

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 use crate::dispatch::Engine;
 use crate::fsutil;
 use crate::ingest::Folders;
+use crate::outbox::EarlyManifests;
 use crate::store::{BatchPhase, BatchRecord, BatchSeq, RowRecord, Store, StoreError};
 use crate::supervisor::Beat;
 
@@ -189,6 +190,7 @@ pub(crate) async fn finish_worker(
     rx: &mut mpsc::UnboundedReceiver<BatchSeq>,
     beat: Beat,
 ) {
+    let mut early = EarlyManifests::default();
     let active = match engine.store.call(|s| s.active_batches()).await {
         Ok(active) => active,
         Err(e) => {
@@ -211,19 +213,20 @@ pub(crate) async fn finish_worker(
                 tracing::error!(batch = %batch.name, error = %e, "cannot end the unclaimed rows of a cancelled batch");
             }
         }
-        finish(&engine, batch.seq).await;
+        finish(&engine, batch.seq, &mut early).await;
     }
     loop {
         let Some(seq) = beat.wait(&engine.shutdown, rx.recv()).await else {
             break;
         };
         let Some(seq) = seq else { break };
-        finish(&engine, seq).await;
+        finish(&engine, seq, &mut early).await;
     }
 }
 
-/// Writes `results.csv` of batch `seq` if every row of it has ended.
-async fn finish(engine: &Engine, seq: BatchSeq) {
+/// Writes `results.csv` of batch `seq` if every row of it has ended; before
+/// that, puts its manifest in an object-store outbox.
+async fn finish(engine: &Engine, seq: BatchSeq, early: &mut EarlyManifests) {
     let batch = match engine.store.call(move |s| s.batch(seq)).await {
         Ok(b) => b,
         Err(e) => {
@@ -231,7 +234,12 @@ async fn finish(engine: &Engine, seq: BatchSeq) {
             return;
         }
     };
-    if batch.phase != BatchPhase::Active || !batch.all_rows_ended() {
+    if batch.phase != BatchPhase::Active {
+        return;
+    }
+    if !batch.all_rows_ended() {
+        let dir = engine.folders.batch_dir(&batch.name);
+        early.publish(&engine.outbox, seq, &batch.name, &dir).await;
         return;
     }
     let store = engine.store.clone();
@@ -295,6 +303,7 @@ async fn finish(engine: &Engine, seq: BatchSeq) {
     match finished {
         Ok(Ok(())) => {
             engine.progress.forget(batch.seq);
+            early.forget(batch.seq);
             let results = match (&published, engine.outbox.store()) {
                 (Some(key), Some(s3)) => format!("s3://{}/{key}", s3.target.bucket),
                 _ => path.display().to_string(),

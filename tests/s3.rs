@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use common::s3::{S3Server, get_bytes};
 use common::*;
+use infinitetalk_batch::simulator::SimArgs;
 use object_store::ObjectStoreExt;
 use object_store::path::Path as ObjectPath;
 use object_store::signer::Signer;
@@ -553,7 +554,7 @@ async fn local_files_go_through_the_media_store_as_presigned_urls() {
 async fn a_store_outage_mid_run_pauses_then_the_rows_finish() {
     // Tasks of about a second, so that the store can go away between the
     // submits and the downloads.
-    let sim = Sim::start(infinitetalk_batch::simulator::SimArgs {
+    let sim = Sim::start(SimArgs {
         time_factor: 0.2,
         ..fast_sim()
     })
@@ -613,6 +614,49 @@ async fn a_store_outage_mid_run_pauses_then_the_rows_finish() {
     let results = check_store_against_sim(&server, "o", &sim).await;
     assert_eq!(results.len(), 4);
     assert!(log.contains("submission resumed"), "{log}");
+    server.stop().await;
+    sim.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifest_is_in_the_store_soon_after_acceptance() {
+    // A task of 2.5 to 7.5 s: the batch runs well after its acceptance.
+    let sim = Sim::start(SimArgs {
+        time_factor: 0.05,
+        ..SimArgs::default()
+    })
+    .await;
+    let server = S3Server::start(BUCKET).await;
+    let dirs = Dirs::new();
+    write_manifest(
+        &dirs.inbox,
+        "early.csv",
+        &rows("e", 1, |_| "sim_audio_seconds=5".to_owned()),
+    );
+    let listen = free_addr();
+    let mut daemon = spawn_s3_daemon(
+        &dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &with_poll(&[]),
+        0,
+        &server.env(),
+    );
+    let manifest_key = format!("{PREFIX}/early/manifest.csv");
+    let results_key = format!("{PREFIX}/early/results.csv");
+    let early = wait_object(&server, &manifest_key, Duration::from_secs(20)).await;
+    let results_then = server.object_file(&results_key).exists();
+    let finished = wait_object(&server, &results_key, Duration::from_secs(60)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    let log = log_text(&dirs, 0);
+    assert!(early, "no manifest.csv in the store; log:\n{log}");
+    assert!(
+        !results_then,
+        "manifest.csv came only with results.csv; log:\n{log}"
+    );
+    assert!(finished, "no results.csv in the store; log:\n{log}");
+    assert!(status.is_some_and(|s| s.success()), "{status:?}");
     server.stop().await;
     sim.stop().await;
 }

@@ -92,6 +92,64 @@ impl Outbox {
     }
 }
 
+/// `manifest.csv` of batches still running, put in the object store soon
+/// after acceptance (it is put again, with `results.csv`, at the end): what
+/// an operator looking at the bucket expects to find beside the first
+/// videos. In memory: after a restart each is put once more.
+#[derive(Debug, Default)]
+pub struct EarlyManifests {
+    /// Batches whose manifest is in the store.
+    done: std::collections::HashSet<crate::store::BatchSeq>,
+    /// Batches whose upload failed, and when to try again.
+    retry_at: std::collections::HashMap<crate::store::BatchSeq, std::time::Instant>,
+}
+
+/// Wait before putting a manifest again after a failure (the store down).
+const EARLY_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+
+impl EarlyManifests {
+    /// Puts batch `seq`'s manifest from `batch_dir` unless done or waiting
+    /// after a failure; a failure is logged, never fatal (the end puts it).
+    pub async fn publish(
+        &mut self,
+        outbox: &Outbox,
+        seq: crate::store::BatchSeq,
+        batch: &str,
+        batch_dir: &Path,
+    ) {
+        let Outbox::S3(s3) = outbox else { return };
+        if self.done.contains(&seq)
+            || self
+                .retry_at
+                .get(&seq)
+                .is_some_and(|t| *t > std::time::Instant::now())
+        {
+            return;
+        }
+        let manifest = batch_dir.join(crate::ingest::MANIFEST_NAME);
+        match s3
+            .upload_file(&manifest, &s3.key(batch, crate::ingest::MANIFEST_NAME))
+            .await
+        {
+            Ok(_) => {
+                self.retry_at.remove(&seq);
+                self.done.insert(seq);
+            }
+            Err(e) => {
+                tracing::warn!(batch, error = %e, retry_in = ?EARLY_RETRY, "cannot put manifest.csv in the object store yet; it goes with results.csv at the end if not before");
+                self.retry_at
+                    .insert(seq, std::time::Instant::now() + EARLY_RETRY);
+            }
+        }
+    }
+
+    /// Forgets a finished batch.
+    pub fn forget(&mut self, seq: crate::store::BatchSeq) {
+        self.done.remove(&seq);
+        self.retry_at.remove(&seq);
+    }
+}
+
 /// Where the local working files of an object-store outbox live.
 pub fn staging_dir(state: &Path) -> PathBuf {
     state.join("outbox")
