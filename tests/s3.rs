@@ -145,10 +145,39 @@ async fn an_s3_outbox_gets_every_video_whole_and_results_last() {
     );
     let results_key = format!("{PREFIX}/b1/results.csv");
     let finished = wait_object(&server, &results_key, Duration::from_secs(60)).await;
+    // The console's player reads the videos from the store, ranges too.
+    let video = format!("http://{listen}/batches/b1/files/s0.mp4");
+    let http = reqwest::Client::new();
+    let whole = http.get(&video).send().await.expect("GET video");
+    let whole_status = whole.status();
+    let whole = whole.bytes().await.expect("video body");
+    let part = http
+        .get(&video)
+        .header("range", "bytes=1000-1099")
+        .send()
+        .await
+        .expect("GET range");
+    let (part_status, part_range) = (
+        part.status(),
+        part.headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
+    let part = part.bytes().await.expect("range body");
     let status = terminate(&mut daemon, Duration::from_secs(25));
     let log = log_text(&dirs, 0);
     assert!(finished, "no results.csv in the store; log:\n{log}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");
+    let stored = get_bytes(&server.client(), &format!("{PREFIX}/b1/s0.mp4")).await;
+    assert_eq!(whole_status, 200);
+    assert!(whole[..] == stored[..], "the whole video as stored");
+    assert_eq!(part_status, 206);
+    assert_eq!(
+        part_range.as_deref(),
+        Some(format!("bytes 1000-1099/{}", stored.len()).as_str())
+    );
+    assert!(part[..] == stored[1000..1100], "the range as stored");
 
     let results = check_store_against_sim(&server, "b1", &sim).await;
     assert_eq!(results.len(), 8);

@@ -5,15 +5,13 @@
 //! confined to the batch's folder in the outbox).
 
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::extract::{Path, Query, State};
+use axum::response::Response;
 use maud::{Markup, html};
 use serde::Deserialize;
-use tower::ServiceExt;
 
 use super::Console;
 use super::monitor::BatchView;
-use super::pages::safe_name;
 use super::view::{self, duration, progress, region, seg, time, usd};
 use crate::manifest::ManifestRow;
 use crate::store::{BatchPhase, BatchRecord, RowFilter, RowRecord, RowState};
@@ -381,34 +379,4 @@ pub(crate) async fn row(
         Err(e) => return view::failed(&e.to_string()),
     };
     super::detail::render(&c, &batch, &m, record.as_ref())
-}
-
-/// `GET /batches/{name}/files/{file}`: a video of the batch, from its folder
-/// in the outbox only (no other file, no hidden or partial one, no link).
-pub(crate) async fn video(
-    State(c): State<Console>,
-    Path((name, file)): Path<(String, String)>,
-    req: Request,
-) -> Response {
-    if !safe_name(&name) || !safe_name(&file) || !file.ends_with(".mp4") {
-        return view::not_found("No such video.");
-    }
-    let store = c.engine.store.clone();
-    let n2 = name.clone();
-    let known = tokio::task::spawn_blocking(move || store.batch_named(&n2)).await;
-    if !matches!(known, Ok(Ok(Some(_)))) {
-        return view::not_found("No such batch.");
-    }
-    let path = c.engine.folders.batch_dir(&name).join(&file);
-    match tokio::fs::symlink_metadata(&path).await {
-        Ok(m) if m.is_file() => {}
-        _ => return view::not_found("No such video (not downloaded yet?)."),
-    }
-    match tower_http::services::ServeFile::new(&path)
-        .oneshot(req)
-        .await
-    {
-        Ok(resp) => resp.into_response(),
-        Err(e) => view::failed(&e.to_string()),
-    }
 }

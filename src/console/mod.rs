@@ -31,6 +31,7 @@ mod live;
 mod monitor;
 mod pages;
 mod rows;
+mod video;
 mod view;
 
 use std::sync::Arc;
@@ -72,7 +73,7 @@ pub(crate) fn routes(engine: Arc<Engine>, monitor: Arc<Monitor>, gate: &Gate) ->
         .route("/rejected/{file}", get(pages::rejected_one))
         .route("/batches/{name}", get(batch::page))
         .route("/batches/{name}/rows/{id}", get(batch::row))
-        .route("/batches/{name}/files/{file}", get(batch::video))
+        .route("/batches/{name}/files/{file}", get(video::video))
         .route("/console/live", get(live::stream))
         .route("/console/assets/console.js", get(view::script))
         .route("/console/assets/console.css", get(view::style))

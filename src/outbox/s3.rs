@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use object_store::aws::{AmazonS3, AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
-use object_store::{ClientConfigKey, ObjectStoreExt, WriteMultipart};
+use object_store::{ClientConfigKey, ObjectStore, ObjectStoreExt, WriteMultipart};
 use tokio::io::AsyncReadExt;
 
 use super::OutboxError;
@@ -199,6 +199,25 @@ impl S3Outbox {
             Ok(meta) => Ok(Some(meta.size)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.error("HEAD", key, &e)),
+        }
+    }
+
+    /// Bytes `range` of the object at `key`, as they arrive.
+    pub async fn read(
+        &self,
+        key: &str,
+        range: std::ops::Range<u64>,
+    ) -> Result<
+        futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+        OutboxError,
+    > {
+        let options = object_store::GetOptions {
+            range: Some(object_store::GetRange::Bounded(range)),
+            ..Default::default()
+        };
+        match self.store.get_opts(&self.path(key)?, options).await {
+            Ok(got) => Ok(got.into_stream()),
+            Err(e) => Err(self.error("GET", key, &e)),
         }
     }
 
