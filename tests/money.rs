@@ -6,7 +6,6 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use infinitetalk_batch::simulator::SimArgs;
 use infinitetalk_batch::status::Report;
 
 const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "1s"];
@@ -345,11 +344,7 @@ async fn probed_rows_carry_their_cost_and_bad_audio_is_never_submitted() {
 async fn a_cancelled_batch_ends_when_its_running_rows_come_back_to_the_queue() {
     // Tasks of 2.5 to 7.5 s, time enough to cancel while they run; each
     // fails once with a service-side code, which queues its row again.
-    let sim = Sim::start(SimArgs {
-        time_factor: 0.05,
-        ..SimArgs::default()
-    })
-    .await;
+    let sim = Sim::start(sim_at(0.05)).await;
     let dirs = Dirs::new();
     write_manifest(
         &dirs.inbox,

@@ -650,11 +650,7 @@ async fn a_store_outage_mid_run_pauses_then_the_rows_finish() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_manifest_is_in_the_store_soon_after_acceptance() {
     // A task of 2.5 to 7.5 s: the batch runs well after its acceptance.
-    let sim = Sim::start(SimArgs {
-        time_factor: 0.05,
-        ..SimArgs::default()
-    })
-    .await;
+    let sim = Sim::start(sim_at(0.05)).await;
     let server = S3Server::start(BUCKET).await;
     let dirs = Dirs::new();
     write_manifest(

@@ -86,19 +86,21 @@ fn wanted(headers: &HeaderMap, size: u64) -> Wanted {
     }
 }
 
+fn unreachable(batch: &str, file: &str, e: &crate::outbox::OutboxError) -> Response {
+    tracing::warn!(batch, file, error = %e, "console: cannot read the video from the object store");
+    (
+        StatusCode::BAD_GATEWAY,
+        "the object store cannot be reached\n",
+    )
+        .into_response()
+}
+
 async fn from_store(s3: &S3Outbox, batch: &str, file: &str, headers: &HeaderMap) -> Response {
     let key = s3.key(batch, file);
     let size = match s3.size_of(&key).await {
         Ok(Some(size)) => size,
         Ok(None) => return view::not_found("No such video (not uploaded yet?)."),
-        Err(e) => {
-            tracing::warn!(batch, file, error = %e, "console: cannot reach the video in the object store");
-            return (
-                StatusCode::BAD_GATEWAY,
-                "the object store cannot be reached\n",
-            )
-                .into_response();
-        }
+        Err(e) => return unreachable(batch, file, &e),
     };
     let (status, range) = match wanted(headers, size) {
         Wanted::All => (StatusCode::OK, 0..size),
@@ -116,14 +118,7 @@ async fn from_store(s3: &S3Outbox, batch: &str, file: &str, headers: &HeaderMap)
     } else {
         match s3.read(&key, range.clone()).await {
             Ok(stream) => Body::from_stream(stream.map_err(std::io::Error::other)),
-            Err(e) => {
-                tracing::warn!(batch, file, error = %e, "console: cannot read the video from the object store");
-                return (
-                    StatusCode::BAD_GATEWAY,
-                    "the object store cannot be reached\n",
-                )
-                    .into_response();
-            }
+            Err(e) => return unreachable(batch, file, &e),
         }
     };
     let mut resp = Response::new(body);

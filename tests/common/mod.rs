@@ -332,6 +332,15 @@ pub fn fast_sim() -> SimArgs {
     }
 }
 
+/// The simulator with tasks `time_factor` times as long as the service's
+/// (`fast_sim` is 0.002).
+pub fn sim_at(time_factor: f64) -> SimArgs {
+    SimArgs {
+        time_factor,
+        ..SimArgs::default()
+    }
+}
+
 /// Poll bounds that suit the fast simulator.
 pub const POLL: [&str; 4] = ["--poll-min", "100ms", "--poll-max", "2s"];
 
