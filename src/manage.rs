@@ -20,11 +20,10 @@ use serde::{Deserialize, Serialize};
 use crate::dispatch::Engine;
 use crate::ingest::Folders;
 use crate::manifest::{ManifestError, RowReader};
-use crate::store::{BatchPhase, Op, Priority, RowState, Store, StoreError};
+use crate::store::{BatchPhase, CANCEL_MSG, Op, Priority, RowState, Store, StoreError};
 
 /// Rows read from a manifest per store transaction when cancelling.
 const CANCEL_CHUNK: usize = 1000;
-pub(crate) const CANCEL_MSG: &str = "cancelled by the operator before submission";
 
 /// Why a retry or cancel could not be done.
 #[derive(Debug, thiserror::Error)]

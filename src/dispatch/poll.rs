@@ -735,6 +735,9 @@ pub(crate) async fn task_ended(
             tracing::info!(batch = %batch, row = %record.id, task_id, videos = result_urls.len(), "task succeeded; downloading");
             let _ = engine.downloads.send(key);
         }
+        Op::Resubmit { code, .. } if record.state.is_final() => {
+            tracing::warn!(batch = %batch, row = %record.id, task_id, code = %code, "task failed on the service's side; its batch is cancelled, so the row ends CANCELLED");
+        }
         Op::Resubmit { code, .. } => {
             engine.metrics.resubmitted.inc();
             tracing::warn!(

@@ -230,9 +230,6 @@ impl Submitter {
         let engine = self.engine.clone();
         let (feed, filled) = tokio::task::spawn_blocking(move || {
             let filled = feed.fill(&engine.store, &engine.folders, CLAIM_GROUP);
-            for key in feed.cancelled.drain(..) {
-                end_cancelled(&engine, key);
-            }
             (feed, filled)
         })
         .await
@@ -258,27 +255,6 @@ pub(super) struct Feed {
     /// audio could not be read). At most one entry a queued row; an entry
     /// goes when its time has come.
     not_before: HashMap<RowKey, Instant>,
-    /// Queued rows of cancelled batches found at the last fill, to be ended.
-    cancelled: Vec<RowKey>,
-}
-
-/// Ends a row of a cancelled batch that came back to the queue after the
-/// cancel (a service-side failure, a submit put back): a cancel stops the
-/// batch's submissions for good, and its batch must still end.
-fn end_cancelled(engine: &Engine, key: RowKey) {
-    let op = Op::Cancel {
-        msg: crate::manage::CANCEL_MSG.to_owned(),
-    };
-    match engine.apply_blocking(key, op) {
-        Ok(record) => {
-            tracing::info!(batch = %engine.batch_name(key.batch), row = %record.id, "row of a cancelled batch queued again; it ends failed (CANCELLED)");
-        }
-        // Claimed or ended meanwhile.
-        Err(crate::store::StoreError::WrongState { .. } | crate::store::StoreError::NoRow(_)) => {}
-        Err(e) => {
-            tracing::error!(batch = %engine.batch_name(key.batch), row = key.row, error = %e, "cannot end a queued row of a cancelled batch");
-        }
-    }
 }
 
 impl Feed {
@@ -348,16 +324,11 @@ impl Feed {
                 .find(|b| b.seq == seq)
                 .is_none_or(|b| b.paused || b.cancelled)
         };
-        let cancelled = |seq: BatchSeq| active.iter().any(|b| b.seq == seq && b.cancelled);
         let now = Instant::now();
         self.not_before.retain(|_, until| *until > now);
         for (key, _) in store.rows_in_state(RowState::Queued, want * 4)? {
             if self.pending.len() >= want {
                 break;
-            }
-            if cancelled(key.batch) {
-                self.cancelled.push(key);
-                continue;
             }
             if !held(key.batch)
                 && !self.not_before.contains_key(&key)

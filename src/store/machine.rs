@@ -12,6 +12,9 @@
 //! ```
 //!
 //! `deferred` is `probe_deferred`: the audio's length could not be read yet.
+//! In a cancelled batch a row never goes back to `queued`: [`super::Store::apply`]
+//! follows any operation that would queue it with `cancel`, in the same
+//! transaction.
 //!
 //! A final row (`done`, `failed`) is changed by nothing but `retry`. An
 //! operation on a running or downloading row names the task it is about, and

@@ -43,6 +43,9 @@ pub use self::view::RowFilter;
 /// Fail code of rows a `cancel` ended.
 pub const CANCELLED: &str = "CANCELLED";
 
+/// The message of a row ended by a cancel.
+pub const CANCEL_MSG: &str = "cancelled by the operator before submission";
+
 /// Version of the on-disk layout this build reads and writes. Layout 1
 /// (every row ever claimed kept in the database) is migrated at open.
 pub const SCHEMA_VERSION: u32 = 2;

@@ -584,6 +584,16 @@ impl Store {
                 op.clone().apply(key, &mut record).map_err(abort)?;
                 if old != record.state {
                     let mut batch = tx_batch(batches, key.batch)?;
+                    // A cancel stops a batch's submissions for good: a row
+                    // that would go back to the queue (a service-side
+                    // failure, a submit put back) ends CANCELLED instead,
+                    // and the batch can end.
+                    if record.state == RowState::Queued && batch.cancelled {
+                        let cancel = Op::Cancel {
+                            msg: super::CANCEL_MSG.to_owned(),
+                        };
+                        cancel.apply(key, &mut record).map_err(abort)?;
+                    }
                     batch.counts.moved(Some(old), record.state);
                     tx_put_batch(batches, &batch)?;
                 }
