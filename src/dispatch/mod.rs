@@ -424,15 +424,20 @@ async fn sleep_or_stop(engine: &Engine, d: Duration) -> bool {
 /// second task). Returns how many.
 pub fn requeue_interrupted_submits(engine: &Engine) -> Result<usize, StoreError> {
     let mut requeued = 0;
-    for (key, record) in engine
+    for (key, _) in engine
         .store
         .rows_in_state(RowState::Submitting, usize::MAX)?
     {
+        let record = engine.apply_blocking(key, Op::Unsent)?;
+        if record.state.is_final() {
+            // Its batch was cancelled meanwhile: it ends CANCELLED.
+            tracing::warn!(batch = %engine.batch_name(key.batch), row = %record.id, "row was being submitted when the daemon stopped; its batch is cancelled, so it ends CANCELLED (a task may have been created)");
+            continue;
+        }
         tracing::warn!(
             batch = %engine.batch_name(key.batch), row = %record.id,
             "row was being submitted when the daemon stopped; submitting it again (a task may have been created and be charged twice)"
         );
-        engine.apply_blocking(key, Op::Unsent)?;
         engine.metrics.resubmitted.inc();
         requeued += 1;
     }

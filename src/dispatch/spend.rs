@@ -267,8 +267,10 @@ pub(super) fn apply(
                 engine.apply_blocking(key, op)?;
             }
             Outcome::Defer { error, wait } => {
-                tracing::warn!(batch = %engine.batch_name(key.batch), row = %record.id, %error, wait = ?wait, "cannot read the audio's length; the row waits in the queue");
-                engine.apply_blocking(key, Op::ProbeDeferred)?;
+                let record = engine.apply_blocking(key, Op::ProbeDeferred)?;
+                if record.state == crate::store::RowState::Queued {
+                    tracing::warn!(batch = %engine.batch_name(key.batch), row = %record.id, %error, wait = ?wait, "cannot read the audio's length; the row waits in the queue");
+                }
             }
         }
     }

@@ -318,23 +318,31 @@ impl Feed {
         if self.pending.len() >= want {
             return Ok(self.pending.len());
         }
-        let held = |seq: BatchSeq| {
-            active
-                .iter()
-                .find(|b| b.seq == seq)
-                .is_none_or(|b| b.paused || b.cancelled)
-        };
         let now = Instant::now();
         self.not_before.retain(|_, until| *until > now);
-        for (key, _) in store.rows_in_state(RowState::Queued, want * 4)? {
-            if self.pending.len() >= want {
+        // Batch by batch, skipping paused and cancelled ones whole, so that
+        // their queued rows (or rows waiting out a probe) never fill the
+        // window in which another batch's rows would be found.
+        let open = active
+            .iter()
+            .filter(|b| !b.paused && !b.cancelled && b.counts.queued > 0);
+        for batch in open {
+            let room = want.saturating_sub(self.pending.len());
+            if room == 0 {
                 break;
             }
-            if !held(key.batch)
-                && !self.not_before.contains_key(&key)
-                && self.queued_keys.insert(key)
-            {
-                self.pending.push_back(Claim::Again(key));
+            let skip = self.queued_keys.len() + self.not_before.len();
+            for (row, _) in store.queued_rows(batch.seq, room + skip)? {
+                let key = RowKey {
+                    batch: batch.seq,
+                    row,
+                };
+                if self.pending.len() >= want {
+                    break;
+                }
+                if !self.not_before.contains_key(&key) && self.queued_keys.insert(key) {
+                    self.pending.push_back(Claim::Again(key));
+                }
             }
         }
         let eligible: Vec<_> = active.iter().filter(|b| can_give(b)).collect();

@@ -548,10 +548,18 @@ impl Store {
                                     action: "claim",
                                 }));
                             }
-                            if batch_in(&mut touched, batches, key.batch)?.paused {
+                            let b = batch_in(&mut touched, batches, key.batch)?;
+                            let held = if b.cancelled {
+                                Some("in a cancelled batch")
+                            } else if b.paused {
+                                Some("in a paused batch")
+                            } else {
+                                None
+                            };
+                            if let Some(found) = held {
                                 return Err(abort(StoreError::WrongState {
                                     key: *key,
-                                    found: "in a paused batch",
+                                    found,
                                     action: "claim",
                                 }));
                             }
@@ -589,10 +597,19 @@ impl Store {
                     // failure, a submit put back) ends CANCELLED instead,
                     // and the batch can end.
                     if record.state == RowState::Queued && batch.cancelled {
-                        let cancel = Op::Cancel {
-                            msg: super::CANCEL_MSG.to_owned(),
+                        // What ended the last task stays in the message.
+                        let msg = match (&record.fail_code, &record.fail_msg) {
+                            (Some(code), Some(why)) => format!(
+                                "batch cancelled by the operator; not submitted again after {code}: {why}"
+                            ),
+                            (Some(code), None) => format!(
+                                "batch cancelled by the operator; not submitted again after {code}"
+                            ),
+                            _ => super::CANCEL_MSG.to_owned(),
                         };
-                        cancel.apply(key, &mut record).map_err(abort)?;
+                        Op::Cancel { msg }
+                            .apply(key, &mut record)
+                            .map_err(abort)?;
                     }
                     batch.counts.moved(Some(old), record.state);
                     tx_put_batch(batches, &batch)?;
@@ -632,6 +649,15 @@ impl Store {
             }
         }
         Ok(out)
+    }
+
+    /// The first `limit` queued rows of batch `seq`, in row order.
+    pub fn queued_rows(
+        &self,
+        seq: BatchSeq,
+        limit: usize,
+    ) -> Result<Vec<(u64, RowRecord)>, StoreError> {
+        self.live_after(seq, Some(RowState::Queued), 0, limit)
     }
 
     /// Live rows of batch `seq` after row `after` (in `state` when given), in
