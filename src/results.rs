@@ -190,7 +190,7 @@ pub(crate) async fn finish_worker(
     rx: &mut mpsc::UnboundedReceiver<BatchSeq>,
     beat: Beat,
 ) {
-    let mut early = EarlyManifests::default();
+    let early = EarlyManifests::default();
     let active = match engine.store.call(|s| s.active_batches()).await {
         Ok(active) => active,
         Err(e) => {
@@ -213,20 +213,20 @@ pub(crate) async fn finish_worker(
                 tracing::error!(batch = %batch.name, error = %e, "cannot end the unclaimed rows of a cancelled batch");
             }
         }
-        finish(&engine, batch.seq, &mut early).await;
+        finish(&engine, batch.seq, &early).await;
     }
     loop {
         let Some(seq) = beat.wait(&engine.shutdown, rx.recv()).await else {
             break;
         };
         let Some(seq) = seq else { break };
-        finish(&engine, seq, &mut early).await;
+        finish(&engine, seq, &early).await;
     }
 }
 
 /// Writes `results.csv` of batch `seq` if every row of it has ended; before
 /// that, puts its manifest in an object-store outbox.
-async fn finish(engine: &Engine, seq: BatchSeq, early: &mut EarlyManifests) {
+async fn finish(engine: &Engine, seq: BatchSeq, early: &EarlyManifests) {
     let batch = match engine.store.call(move |s| s.batch(seq)).await {
         Ok(b) => b,
         Err(e) => {
@@ -239,7 +239,14 @@ async fn finish(engine: &Engine, seq: BatchSeq, early: &mut EarlyManifests) {
     }
     if !batch.all_rows_ended() {
         let dir = engine.folders.batch_dir(&batch.name);
-        early.publish(&engine.outbox, seq, &batch.name, &dir).await;
+        early.publish(
+            &engine.outbox,
+            &engine.tracker,
+            &engine.shutdown,
+            seq,
+            &batch.name,
+            &dir,
+        );
         return;
     }
     let store = engine.store.clone();

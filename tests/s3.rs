@@ -672,6 +672,13 @@ async fn the_manifest_is_in_the_store_soon_after_acceptance() {
     let results_key = format!("{PREFIX}/early/results.csv");
     let early = wait_object(&server, &manifest_key, Duration::from_secs(20)).await;
     let results_then = server.object_file(&results_key).exists();
+    // The row's task (2.5 s at least) has not ended yet.
+    let report: Option<infinitetalk_batch::status::Report> =
+        match reqwest::get(format!("http://{listen}/status")).await {
+            Ok(resp) => resp.json().await.ok(),
+            Err(_) => None,
+        };
+    let ended_then = report.and_then(|r| r.batches.first().map(|b| b.done + b.failed));
     let finished = wait_object(&server, &results_key, Duration::from_secs(60)).await;
     let status = terminate(&mut daemon, Duration::from_secs(25));
     let log = log_text(&dirs, 0);
@@ -679,6 +686,11 @@ async fn the_manifest_is_in_the_store_soon_after_acceptance() {
     assert!(
         !results_then,
         "manifest.csv came only with results.csv; log:\n{log}"
+    );
+    assert_eq!(
+        ended_then,
+        Some(0),
+        "manifest.csv came only after the row ended; log:\n{log}"
     );
     assert!(finished, "no results.csv in the store; log:\n{log}");
     assert!(status.is_some_and(|s| s.success()), "{status:?}");

@@ -95,58 +95,95 @@ impl Outbox {
 /// `manifest.csv` of batches still running, put in the object store soon
 /// after acceptance (it is put again, with `results.csv`, at the end): what
 /// an operator looking at the bucket expects to find beside the first
-/// videos. In memory: after a restart each is put once more.
+/// videos. One upload at a time, in a task of its own, so that a store
+/// that hangs never holds up the finisher; in memory, so after a restart
+/// each is put once more.
+#[derive(Debug, Default, Clone)]
+pub struct EarlyManifests(Arc<std::sync::Mutex<Early>>);
+
 #[derive(Debug, Default)]
-pub struct EarlyManifests {
+struct Early {
     /// Batches whose manifest is in the store.
     done: std::collections::HashSet<crate::store::BatchSeq>,
     /// Batches whose upload failed, and when to try again.
     retry_at: std::collections::HashMap<crate::store::BatchSeq, std::time::Instant>,
+    /// The batch whose manifest is being put, and whether it finished
+    /// meanwhile (then nothing is to be remembered of it).
+    busy: Option<(crate::store::BatchSeq, bool)>,
 }
 
 /// Wait before putting a manifest again after a failure (the store down).
 const EARLY_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl EarlyManifests {
-    /// Puts batch `seq`'s manifest from `batch_dir` unless done or waiting
-    /// after a failure; a failure is logged, never fatal (the end puts it).
-    pub async fn publish(
-        &mut self,
+    fn lock(&self) -> std::sync::MutexGuard<'_, Early> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Starts putting batch `seq`'s manifest from `batch_dir`, unless it is
+    /// in the store, waiting after a failure, or another upload runs. The
+    /// upload is a task of `tracker` that `stop` ends; a failure is logged,
+    /// never fatal (the end puts the manifest anyway).
+    pub fn publish(
+        &self,
         outbox: &Outbox,
+        tracker: &tokio_util::task::TaskTracker,
+        stop: &tokio_util::sync::CancellationToken,
         seq: crate::store::BatchSeq,
         batch: &str,
         batch_dir: &Path,
     ) {
         let Outbox::S3(s3) = outbox else { return };
-        if self.done.contains(&seq)
-            || self
+        {
+            let mut early = self.lock();
+            let waiting = early
                 .retry_at
                 .get(&seq)
-                .is_some_and(|t| *t > std::time::Instant::now())
-        {
-            return;
+                .is_some_and(|t| *t > std::time::Instant::now());
+            if early.busy.is_some() || early.done.contains(&seq) || waiting {
+                return;
+            }
+            early.busy = Some((seq, false));
         }
+        let (this, s3, stop) = (self.clone(), s3.clone(), stop.clone());
         let manifest = batch_dir.join(crate::ingest::MANIFEST_NAME);
-        match s3
-            .upload_file(&manifest, &s3.key(batch, crate::ingest::MANIFEST_NAME))
-            .await
-        {
-            Ok(_) => {
-                self.retry_at.remove(&seq);
-                self.done.insert(seq);
+        let key = s3.key(batch, crate::ingest::MANIFEST_NAME);
+        let batch = batch.to_owned();
+        tracker.spawn(async move {
+            let put = tokio::select! {
+                () = stop.cancelled() => None,
+                put = s3.upload_file(&manifest, &key) => Some(put),
+            };
+            let mut early = this.lock();
+            let finished = early.busy.take().is_some_and(|(_, finished)| finished);
+            match put {
+                Some(Ok(_)) if !finished => {
+                    early.retry_at.remove(&seq);
+                    early.done.insert(seq);
+                }
+                Some(Err(e)) if !finished => {
+                    tracing::warn!(batch, error = %e, retry_in = ?EARLY_RETRY, "cannot put manifest.csv in the object store yet; it goes with results.csv at the end if not before");
+                    early
+                        .retry_at
+                        .insert(seq, std::time::Instant::now() + EARLY_RETRY);
+                }
+                _ => {}
             }
-            Err(e) => {
-                tracing::warn!(batch, error = %e, retry_in = ?EARLY_RETRY, "cannot put manifest.csv in the object store yet; it goes with results.csv at the end if not before");
-                self.retry_at
-                    .insert(seq, std::time::Instant::now() + EARLY_RETRY);
-            }
-        }
+        });
     }
 
     /// Forgets a finished batch.
-    pub fn forget(&mut self, seq: crate::store::BatchSeq) {
-        self.done.remove(&seq);
-        self.retry_at.remove(&seq);
+    pub fn forget(&self, seq: crate::store::BatchSeq) {
+        let mut early = self.lock();
+        early.done.remove(&seq);
+        early.retry_at.remove(&seq);
+        if let Some((busy, finished)) = early.busy.as_mut()
+            && *busy == seq
+        {
+            *finished = true;
+        }
     }
 }
 
