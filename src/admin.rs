@@ -487,7 +487,7 @@ fn cross_site_refused() -> Response {
 /// Refuses a changing request whose `Origin` names another site, whatever
 /// its `Sec-Fetch-Site` says (tower-http's layer trusts a `same-origin`
 /// there without looking at `Origin`). Its own origin is the `Host` it was
-/// sent to, or a public URL's host (a reverse proxy in front).
+/// sent to, its `X-Forwarded-Host`, or a public URL's host.
 async fn require_own_origin(State(gate): State<Gate>, req: Request, next: Next) -> Response {
     let Some(origin) = req.headers().get(header::ORIGIN) else {
         return next.run(req).await;
@@ -499,12 +499,20 @@ async fn require_own_origin(State(gate): State<Gate>, req: Request, next: Next) 
         else {
             return false;
         };
-        let sent_to = req
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .or_else(|| req.uri().authority().map(|a| a.as_str()));
-        sent_to.is_some_and(|h| h.eq_ignore_ascii_case(authority))
+        let header_is = |name: &str| {
+            req.headers()
+                .get(name)
+                .and_then(|h| h.to_str().ok())
+                .is_some_and(|h| h.trim().eq_ignore_ascii_case(authority))
+        };
+        // A reverse proxy that rewrites Host says where it was sent in
+        // X-Forwarded-Host; a browser cannot set that header cross-site.
+        header_is(header::HOST.as_str())
+            || req
+                .uri()
+                .authority()
+                .is_some_and(|a| a.as_str().eq_ignore_ascii_case(authority))
+            || header_is("x-forwarded-host")
             || host_of(authority).is_some_and(|h| gate.0.public_hosts.contains(&h))
     });
     if own {

@@ -297,6 +297,24 @@ async fn changing_requests_need_the_token_and_never_come_from_another_site() {
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(sim.handle.tasks().len(), 5);
+    // Behind a proxy that rewrites Host and says so in X-Forwarded-Host
+    // (minting a console link changes nothing that costs).
+    let proxied = |forwarded: &'static str| {
+        [
+            ("cookie", cookie.as_str()),
+            ("sec-fetch-site", "same-origin"),
+            ("origin", "https://console.example"),
+            ("x-forwarded-host", forwarded),
+        ]
+    };
+    assert_eq!(
+        post(listen, "/admin/ticket", &proxied("console.example")).await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        post(listen, "/admin/ticket", &proxied("other.example")).await,
+        StatusCode::FORBIDDEN
+    );
     // The console's own page: its origin is the address it was sent to.
     let own_origin = format!("http://127.0.0.1:{}", listen.port());
     assert_eq!(
