@@ -471,7 +471,7 @@ impl ApiClient {
             }
             None if ok => Err(unreadable(ApiError::Malformed(format!(
                 "body is not JSON: {:?}",
-                String::from_utf8_lossy(&bytes[..bytes.len().min(120)])
+                crate::redact::presigned(&String::from_utf8_lossy(&bytes[..bytes.len().min(120)]))
             )))),
             None => {
                 let message = String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into_owned();

@@ -36,7 +36,9 @@ pub(crate) fn presigned(text: &str) -> Cow<'_, str> {
     let mut from = 0;
     while let Some(start) = find_url(&lower, from) {
         let end = lower[start..]
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`'))
+            .find(|c: char| {
+                c.is_whitespace() || matches!(c, '"' | '\'' | '<' | '>' | '`' | ')' | ']' | '}')
+            })
             .map_or(text.len(), |n| start + n);
         let url = &text[start..end];
         if let Some(q) = url.find('?') {
@@ -68,6 +70,8 @@ fn find_url(lower: &str, from: usize) -> Option<usize> {
 }
 
 fn signed(query: &str) -> bool {
+    // JSON written by some encoders escapes `&` as `\u0026`.
+    let query = query.replace("\\u0026", "&");
     query.split(['&', ';']).any(|pair| {
         let name = pair.split('=').next().unwrap_or("");
         let name = name.to_ascii_lowercase();
@@ -94,7 +98,16 @@ mod tests {
         let text = "a (https://x.example/v.mp4?sig=1&se=2), b http://y.example/a?page=2 c HTTPS://z.example/k?Signature=9&Expires=1#frag";
         assert_eq!(
             presigned(text),
-            "a (https://x.example/v.mp4?REDACTED b http://y.example/a?page=2 c HTTPS://z.example/k?REDACTED#frag"
+            "a (https://x.example/v.mp4?REDACTED), b http://y.example/a?page=2 c HTTPS://z.example/k?REDACTED#frag"
+        );
+    }
+
+    #[test]
+    fn json_escaped_separators_are_seen() {
+        let text = r#"{"error":"cannot fetch https://b.example/a.png?X-Amz-Algorithm=AWS4\u0026X-Amz-Signature=abc"}"#;
+        assert_eq!(
+            presigned(text),
+            r#"{"error":"cannot fetch https://b.example/a.png?REDACTED"}"#
         );
     }
 
