@@ -24,6 +24,20 @@ fn outbox_url() -> String {
     format!("s3://{BUCKET}/{PREFIX}")
 }
 
+/// The daemon with an `s3://` outbox on `server`, polling as the fast
+/// simulator suits, logging to run 0.
+fn s3_daemon(dirs: &Dirs, sim: &Sim, server: &S3Server, listen: std::net::SocketAddr) -> Daemon {
+    spawn_s3_daemon(
+        dirs,
+        &sim.url(),
+        listen,
+        &outbox_url(),
+        &with_poll(&[]),
+        0,
+        &server.env(),
+    )
+}
+
 /// Waits for `key` to exist on the server.
 async fn wait_object(server: &S3Server, key: &str, limit: Duration) -> bool {
     let file = server.object_file(key);
@@ -134,15 +148,7 @@ async fn an_s3_outbox_gets_every_video_whole_and_results_last() {
     rows[1].2.push_str("&sim_results=2");
     write_manifest(&dirs.inbox, "b1.csv", &rows);
     let listen = free_addr();
-    let mut daemon = spawn_s3_daemon(
-        &dirs,
-        &sim.url(),
-        listen,
-        &outbox_url(),
-        &with_poll(&[]),
-        0,
-        &server.env(),
-    );
+    let mut daemon = s3_daemon(&dirs, &sim, &server, listen);
     let results_key = format!("{PREFIX}/b1/results.csv");
     let finished = wait_object(&server, &results_key, Duration::from_secs(60)).await;
     // The console's player reads the videos from the store, ranges too.
@@ -659,15 +665,7 @@ async fn the_manifest_is_in_the_store_soon_after_acceptance() {
         &rows("e", 1, |_| "sim_audio_seconds=5".to_owned()),
     );
     let listen = free_addr();
-    let mut daemon = spawn_s3_daemon(
-        &dirs,
-        &sim.url(),
-        listen,
-        &outbox_url(),
-        &with_poll(&[]),
-        0,
-        &server.env(),
-    );
+    let mut daemon = s3_daemon(&dirs, &sim, &server, listen);
     let manifest_key = format!("{PREFIX}/early/manifest.csv");
     let results_key = format!("{PREFIX}/early/results.csv");
     let early = wait_object(&server, &manifest_key, Duration::from_secs(20)).await;

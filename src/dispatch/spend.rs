@@ -29,13 +29,10 @@ const PROBE_ATTEMPTS: u32 = 3;
 /// is down for a minute costs nothing, one that stays down ends the batch.
 const PROBE_ROUNDS: u32 = 7;
 
-/// How long a row waits in the queue after its `deferrals`-th round failed.
-fn probe_wait(deferrals: u32) -> Duration {
-    backoff(
-        deferrals.saturating_sub(1),
-        Duration::from_secs(1),
-        Duration::from_secs(30),
-    )
+/// How long a row waits in the queue after a failed round, with `earlier`
+/// failed rounds before it.
+fn probe_wait(earlier: u32) -> Duration {
+    backoff(earlier, Duration::from_secs(1), Duration::from_secs(30))
 }
 
 /// What is to become of one claimed row.
@@ -186,7 +183,7 @@ pub(super) async fn plan(
                 seconds: Some(seconds),
             },
             Some(Err(e)) if e.is_transient() && deferrals + 1 < PROBE_ROUNDS => {
-                let wait = probe_wait(deferrals + 1);
+                let wait = probe_wait(deferrals);
                 feed.hold(key, wait);
                 Outcome::Defer { error: e, wait }
             }

@@ -19,8 +19,15 @@ pub(crate) mod health;
 mod s3;
 pub(crate) mod transfer;
 
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::store::BatchSeq;
 
 pub use self::s3::{S3Outbox, StoreTarget};
 
@@ -81,9 +88,7 @@ impl Outbox {
         let Outbox::S3(s3) = self else {
             return Ok(());
         };
-        let manifest = batch_dir.join(crate::ingest::MANIFEST_NAME);
-        s3.upload_file(&manifest, &s3.key(batch, crate::ingest::MANIFEST_NAME))
-            .await?;
+        s3.put_manifest(batch, batch_dir).await?;
         let name = results
             .file_name()
             .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
@@ -99,27 +104,25 @@ impl Outbox {
 /// that hangs never holds up the finisher; in memory, so after a restart
 /// each is put once more.
 #[derive(Debug, Default, Clone)]
-pub struct EarlyManifests(Arc<std::sync::Mutex<Early>>);
+pub struct EarlyManifests(Arc<Mutex<Early>>);
 
 #[derive(Debug, Default)]
 struct Early {
     /// Batches whose manifest is in the store.
-    done: std::collections::HashSet<crate::store::BatchSeq>,
+    done: HashSet<BatchSeq>,
     /// Batches whose upload failed, and when to try again.
-    retry_at: std::collections::HashMap<crate::store::BatchSeq, std::time::Instant>,
+    retry_at: HashMap<BatchSeq, Instant>,
     /// The batch whose manifest is being put, and whether it finished
     /// meanwhile (then nothing is to be remembered of it).
-    busy: Option<(crate::store::BatchSeq, bool)>,
+    busy: Option<(BatchSeq, bool)>,
 }
 
 /// Wait before putting a manifest again after a failure (the store down).
-const EARLY_RETRY: std::time::Duration = std::time::Duration::from_secs(60);
+const EARLY_RETRY: Duration = Duration::from_secs(60);
 
 impl EarlyManifests {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Early> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, Early> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Starts putting batch `seq`'s manifest from `batch_dir`, unless it is
@@ -129,9 +132,9 @@ impl EarlyManifests {
     pub fn publish(
         &self,
         outbox: &Outbox,
-        tracker: &tokio_util::task::TaskTracker,
-        stop: &tokio_util::sync::CancellationToken,
-        seq: crate::store::BatchSeq,
+        tracker: &TaskTracker,
+        stop: &CancellationToken,
+        seq: BatchSeq,
         batch: &str,
         batch_dir: &Path,
     ) {
@@ -141,20 +144,18 @@ impl EarlyManifests {
             let waiting = early
                 .retry_at
                 .get(&seq)
-                .is_some_and(|t| *t > std::time::Instant::now());
+                .is_some_and(|t| *t > Instant::now());
             if early.busy.is_some() || early.done.contains(&seq) || waiting {
                 return;
             }
             early.busy = Some((seq, false));
         }
         let (this, s3, stop) = (self.clone(), s3.clone(), stop.clone());
-        let manifest = batch_dir.join(crate::ingest::MANIFEST_NAME);
-        let key = s3.key(batch, crate::ingest::MANIFEST_NAME);
-        let batch = batch.to_owned();
+        let (batch, batch_dir) = (batch.to_owned(), batch_dir.to_owned());
         tracker.spawn(async move {
             let put = tokio::select! {
                 () = stop.cancelled() => None,
-                put = s3.upload_file(&manifest, &key) => Some(put),
+                put = s3.put_manifest(&batch, &batch_dir) => Some(put),
             };
             let mut early = this.lock();
             let finished = early.busy.take().is_some_and(|(_, finished)| finished);
@@ -167,7 +168,7 @@ impl EarlyManifests {
                     tracing::warn!(batch, error = %e, retry_in = ?EARLY_RETRY, "cannot put manifest.csv in the object store yet; it goes with results.csv at the end if not before");
                     early
                         .retry_at
-                        .insert(seq, std::time::Instant::now() + EARLY_RETRY);
+                        .insert(seq, Instant::now() + EARLY_RETRY);
                 }
                 _ => {}
             }
@@ -175,7 +176,7 @@ impl EarlyManifests {
     }
 
     /// Forgets a finished batch.
-    pub fn forget(&self, seq: crate::store::BatchSeq) {
+    pub fn forget(&self, seq: BatchSeq) {
         let mut early = self.lock();
         early.done.remove(&seq);
         early.retry_at.remove(&seq);

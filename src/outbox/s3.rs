@@ -202,6 +202,13 @@ impl S3Outbox {
         }
     }
 
+    /// Puts `batch_dir/manifest.csv` at `prefix/BATCH/manifest.csv`.
+    pub async fn put_manifest(&self, batch: &str, batch_dir: &Path) -> Result<u64, OutboxError> {
+        let name = crate::ingest::MANIFEST_NAME;
+        self.upload_file(&batch_dir.join(name), &self.key(batch, name))
+            .await
+    }
+
     /// Bytes `range` of the object at `key`, as they arrive.
     pub async fn read(
         &self,

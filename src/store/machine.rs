@@ -99,6 +99,21 @@ pub const TRANSITIONS: &[(&str, RowState, RowState)] = &[
 ];
 
 impl Op {
+    /// The cancel of queued row `r` of a cancelled batch; what ended its
+    /// last task, if anything did, stays in the message.
+    pub fn cancel_of(r: &RowRecord) -> Op {
+        let msg = match (&r.fail_code, &r.fail_msg) {
+            (Some(code), Some(why)) => {
+                format!("batch cancelled by the operator; not submitted again after {code}: {why}")
+            }
+            (Some(code), None) => {
+                format!("batch cancelled by the operator; not submitted again after {code}")
+            }
+            _ => super::CANCEL_MSG.to_owned(),
+        };
+        Op::Cancel { msg }
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             Op::Costed { .. } => "costed",

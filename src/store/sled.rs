@@ -597,17 +597,7 @@ impl Store {
                     // failure, a submit put back) ends CANCELLED instead,
                     // and the batch can end.
                     if record.state == RowState::Queued && batch.cancelled {
-                        // What ended the last task stays in the message.
-                        let msg = match (&record.fail_code, &record.fail_msg) {
-                            (Some(code), Some(why)) => format!(
-                                "batch cancelled by the operator; not submitted again after {code}: {why}"
-                            ),
-                            (Some(code), None) => format!(
-                                "batch cancelled by the operator; not submitted again after {code}"
-                            ),
-                            _ => super::CANCEL_MSG.to_owned(),
-                        };
-                        Op::Cancel { msg }
+                        Op::cancel_of(&record)
                             .apply(key, &mut record)
                             .map_err(abort)?;
                     }
