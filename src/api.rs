@@ -5,18 +5,25 @@
 //! whether to retry, wait, pause submission or fail the row, and never
 //! inspects status codes itself.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, SemaphorePermit};
 
 use crate::config::ApiKey;
 use crate::spec::{RowDefaults, RowSpec};
 
 pub(crate) const SUBMIT_PATH: &str = "/api/v1/generateTask/infinitetalk";
 pub(crate) const STATUS_PATH: &str = "/api/v1/statusTask/infinitetalk";
-/// Largest API answer body read; a longer one is cut off and counts as
-/// unreadable (the envelope is a few hundred bytes).
+/// Largest API answer body that any number of requests read at once (the
+/// envelope is a few hundred bytes).
 pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
+/// Largest answer body read at all; one over [`MAX_BODY_BYTES`] (a task that
+/// lists thousands of result URLs) is read by one request at a time, so that
+/// such answers cost at most this much memory together. A longer one is cut
+/// off and counts as unreadable.
+pub(crate) const MAX_LARGE_BODY_BYTES: usize = 16 * 1024 * 1024;
 /// Most result URLs taken from one task; further ones are dropped with a
 /// warning (the model returns one video).
 pub(crate) const MAX_RESULT_URLS: usize = 16;
@@ -369,6 +376,8 @@ pub struct ApiClient {
     auth: String,
     timeout: Duration,
     max_retry_after: Duration,
+    /// Held while an answer over [`MAX_BODY_BYTES`] is read and parsed.
+    large: Arc<Semaphore>,
 }
 
 impl std::fmt::Debug for ApiClient {
@@ -387,6 +396,7 @@ impl ApiClient {
             auth: format!("Bearer {}", key.expose()),
             timeout,
             max_retry_after: MAX_RETRY_AFTER,
+            large: Arc::new(Semaphore::new(1)),
         }
     }
 
@@ -407,8 +417,10 @@ impl ApiClient {
             .header(reqwest::header::AUTHORIZATION, &self.auth)
             .timeout(self.timeout)
             .json(body);
-        let data = self.send(req).await.map_err(Failure::ambiguous)?;
-        data.get("taskId")
+        let answer = self.send(req).await.map_err(Failure::ambiguous)?;
+        answer
+            .data
+            .get("taskId")
             .and_then(|v| match v {
                 serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
                 serde_json::Value::Number(n) => Some(n.to_string()),
@@ -425,11 +437,11 @@ impl ApiClient {
             .query(&[("taskId", task_id)])
             .header(reqwest::header::AUTHORIZATION, &self.auth)
             .timeout(self.timeout);
-        let data = self.send(req).await.map_err(|f| f.error)?;
-        TaskStatus::from_data(data, Some(task_id))
+        let answer = self.send(req).await.map_err(|f| f.error)?;
+        TaskStatus::from_data(answer.data, Some(task_id))
     }
 
-    async fn send(&self, req: reqwest::RequestBuilder) -> Result<serde_json::Value, Failure> {
+    async fn send(&self, req: reqwest::RequestBuilder) -> Result<Answer<'_>, Failure> {
         let mut resp = req.send().await.map_err(|e| Failure {
             lost_after_sending: sent(&e),
             error: network(e),
@@ -437,8 +449,8 @@ impl ApiClient {
         let http = resp.status().as_u16();
         let ok = resp.status().is_success();
         let retry_after = retry_after(resp.headers(), self.max_retry_after);
-        let bytes = match read_capped(&mut resp, MAX_BODY_BYTES).await {
-            Ok(bytes) => bytes,
+        let (bytes, large) = match read_capped(&mut resp, &self.large).await {
+            Ok(read) => read,
             Err(error) => {
                 return Err(Failure {
                     lost_after_sending: ok,
@@ -454,9 +466,15 @@ impl ApiClient {
             error,
         };
         match env {
-            Some(env) if http == 200 && env.code == Some(200) => env
-                .data
-                .ok_or_else(|| unreadable(ApiError::Malformed("success without data".into()))),
+            Some(env) if http == 200 && env.code == Some(200) => match env.data {
+                Some(data) => Ok(Answer {
+                    data,
+                    _large: large,
+                }),
+                None => Err(unreadable(ApiError::Malformed(
+                    "success without data".into(),
+                ))),
+            },
             Some(env) if ok && env.code.is_none() => Err(unreadable(ApiError::Malformed(
                 "answer without a code".into(),
             ))),
@@ -484,6 +502,13 @@ impl ApiClient {
             }
         }
     }
+}
+
+/// The `data` of an accepted answer, with the permit of a large one (kept
+/// until its caller has parsed it).
+struct Answer<'a> {
+    data: serde_json::Value,
+    _large: Option<SemaphorePermit<'a>>,
 }
 
 /// A failed request, and whether it left and its answer was lost (what
@@ -540,25 +565,46 @@ fn retry_after(headers: &reqwest::header::HeaderMap, max: Duration) -> Option<Du
     Some(asked.min(max))
 }
 
-/// Reads a body up to `cap` bytes, chunk by chunk; a longer body is dropped
-/// (and its connection with it) as malformed.
-async fn read_capped(resp: &mut reqwest::Response, cap: usize) -> Result<Vec<u8>, ApiError> {
-    if resp.content_length().is_some_and(|n| n > cap as u64) {
-        return Err(ApiError::Malformed(format!(
-            "answer body of {} bytes is over the {cap}-byte limit",
-            resp.content_length().unwrap_or_default()
-        )));
+/// Reads a body chunk by chunk: up to [`MAX_BODY_BYTES`] freely, up to
+/// [`MAX_LARGE_BODY_BYTES`] while holding `large`'s one permit (returned, to
+/// be held while the body is parsed). A longer body is dropped (and its
+/// connection with it) as malformed.
+async fn read_capped<'a>(
+    resp: &mut reqwest::Response,
+    large: &'a Semaphore,
+) -> Result<(Vec<u8>, Option<SemaphorePermit<'a>>), ApiError> {
+    let over = |len: u64| {
+        ApiError::Malformed(format!(
+            "answer body of {len} bytes is over the {MAX_LARGE_BODY_BYTES}-byte limit"
+        ))
+    };
+    let announced = resp.content_length().unwrap_or(0);
+    if announced > MAX_LARGE_BODY_BYTES as u64 {
+        return Err(over(announced));
     }
+    let mut permit = None;
     let mut out = Vec::new();
-    while let Some(chunk) = resp.chunk().await.map_err(network)? {
-        if out.len() + chunk.len() > cap {
-            return Err(ApiError::Malformed(format!(
-                "answer body over the {cap}-byte limit"
-            )));
+    loop {
+        let len = out
+            .len()
+            .max(usize::try_from(announced).unwrap_or(usize::MAX));
+        // The wait is bounded: the holder's request has a timeout, body
+        // included, and this request's own timeout runs meanwhile.
+        if len > MAX_BODY_BYTES && permit.is_none() {
+            permit =
+                Some(large.acquire().await.map_err(|_| {
+                    ApiError::Malformed("the large-answer permit is closed".into())
+                })?);
+        }
+        let Some(chunk) = resp.chunk().await.map_err(network)? else {
+            break;
+        };
+        if out.len() + chunk.len() > MAX_LARGE_BODY_BYTES {
+            return Err(over((out.len() + chunk.len()) as u64));
         }
         out.extend_from_slice(&chunk);
     }
-    Ok(out)
+    Ok((out, permit))
 }
 
 fn network(e: reqwest::Error) -> ApiError {
