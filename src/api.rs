@@ -23,7 +23,7 @@ pub(crate) const MAX_BODY_BYTES: usize = 1024 * 1024;
 /// lists thousands of result URLs) is read by one request at a time, so that
 /// such answers cost at most this much memory together. A longer one is cut
 /// off and counts as unreadable.
-pub(crate) const MAX_LARGE_BODY_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_LARGE_BODY_BYTES: usize = 4 * 1024 * 1024;
 /// Most result URLs taken from one task; further ones are dropped with a
 /// warning (the model returns one video).
 pub(crate) const MAX_RESULT_URLS: usize = 16;
