@@ -40,7 +40,8 @@ const TOKEN_BYTES: usize = 17 + MAC_BYTES;
 enum Mode {
     /// No publishing flag: a row with local files cannot be sent.
     Off,
-    /// `--media-url`: the listener's `/media/` route under `base`.
+    /// `--media-url`: files at `base/TOKEN.EXT`, `base` being the public
+    /// URL of the listener's `/media` route.
     Url { base: String },
     /// `--media-store`: uploaded once under `prefix/SHA256.EXT`, then a
     /// presigned GET URL made at each submit (the URL is never stored).
@@ -100,7 +101,7 @@ impl Publisher {
         let mode = match (publishing, store) {
             (Publishing::Off, _) | (Publishing::Store(_), None) => Mode::Off,
             (Publishing::Url(url), _) => Mode::Url {
-                base: url.as_str().trim_end_matches('/').to_owned(),
+                base: route_url(url),
             },
             (Publishing::Store(_), Some(s3)) => Mode::Store {
                 s3,
@@ -258,7 +259,7 @@ impl Publisher {
         match &self.mode {
             Mode::Off | Mode::Store { .. } => Err(MediaError::Unpublished),
             Mode::Url { base } => Ok(format!(
-                "{base}/media/{}.{}",
+                "{base}/{}.{}",
                 self.token(key, v.column, &v.entry.print.sha256),
                 v.entry.format.extension()
             )),
@@ -335,6 +336,18 @@ impl Publisher {
     }
 }
 
+/// The public URL of the `/media` route from `--media-url`: a URL whose path
+/// ends in `/media` names the route itself, any other reaches the listener's
+/// root (the route is under it).
+fn route_url(url: &url::Url) -> String {
+    let base = url.as_str().trim_end_matches('/');
+    if url.path().trim_end_matches('/').ends_with("/media") {
+        base.to_owned()
+    } else {
+        format!("{base}/media")
+    }
+}
+
 /// A keyed HMAC; HMAC takes keys of any length, so this cannot fail.
 fn hmac_with(key: &[u8]) -> HmacSha256 {
     <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length")
@@ -392,6 +405,28 @@ pub fn verify(table: &Table, row: u64, column: Column, cell: &str) -> Result<Ver
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_media_url_names_the_listener_or_its_media_route() {
+        let route = |raw: &str| route_url(&url::Url::parse(raw).expect("url"));
+        for (raw, want) in [
+            ("http://127.0.0.1:8686", "http://127.0.0.1:8686/media"),
+            ("http://127.0.0.1:8686/", "http://127.0.0.1:8686/media"),
+            ("http://127.0.0.1:8686/media", "http://127.0.0.1:8686/media"),
+            (
+                "http://127.0.0.1:8686/media/",
+                "http://127.0.0.1:8686/media",
+            ),
+            ("https://m.example/it", "https://m.example/it/media"),
+            ("https://m.example/it/media/", "https://m.example/it/media"),
+            (
+                "https://m.example/multimedia",
+                "https://m.example/multimedia/media",
+            ),
+        ] {
+            assert_eq!(route(raw), want, "{raw}");
+        }
+    }
 
     #[test]
     fn tokens_round_trip_and_bind_the_row_and_content() {
