@@ -26,8 +26,9 @@ use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 use tokio::sync::Semaphore;
 
-/// The API refuses audio files larger than this.
-pub const MAX_AUDIO_BYTES: u64 = 128 * 1024 * 1024;
+/// The API refuses audio files larger than this: 128 MB, decimal, as the
+/// API's page writes it (a file of 128 MiB is over it).
+pub const MAX_AUDIO_BYTES: u64 = 128_000_000;
 /// The API refuses audio longer than this (10 minutes).
 pub const MAX_AUDIO_SECONDS: f64 = 600.0;
 /// Audio longer than this is accepted, but the model's quality drifts.

@@ -113,7 +113,7 @@ fn wrong_types_missing_files_and_sizes_are_rejected() {
     std::fs::write(s.path("media/notes.txt"), b"hello").expect("txt");
     // Sparse: over the API's 128 MB audio limit without writing it.
     let big = std::fs::File::create(s.path("media/big.wav")).expect("big");
-    big.set_len(128 * 1024 * 1024 + 1).expect("sparse");
+    big.set_len(128_000_001).expect("sparse");
     std::fs::create_dir(s.path("media/folder.png")).expect("dir");
     let m = s.manifest(
         "a,notes.txt,ann.wav\n\
@@ -139,7 +139,7 @@ fn wrong_types_missing_files_and_sizes_are_rejected() {
         "{out}"
     );
     assert!(
-        lines[2].starts_with("line 4: column audio_url: \"big.wav\" is 134217729 bytes"),
+        lines[2].starts_with("line 4: column audio_url: \"big.wav\" is 128000001 bytes"),
         "{out}"
     );
     assert!(
