@@ -24,6 +24,12 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 const DRIVER: &str = "/usr/bin/chromedriver";
 /// Longest wait for anything the page should show.
 const WAIT: Duration = Duration::from_secs(30);
+/// WebDriver's codes of keys; RELEASE lets go of the modifiers held.
+const TAB: &str = "\u{E004}";
+const ENTER: &str = "\u{E007}";
+const ESCAPE: &str = "\u{E00C}";
+const SHIFT: &str = "\u{E008}";
+const RELEASE: &str = "\u{E000}";
 
 /// chromedriver on a free loopback port, and one browser session on it.
 struct Browser {
@@ -126,6 +132,32 @@ impl Browser {
             .click()
             .await
             .unwrap_or_else(|e| panic!("click {css}: {e}"));
+    }
+
+    /// Presses `key` (a WebDriver key code) on whatever has the focus.
+    async fn press(&self, key: &str) {
+        self.c()
+            .active_element()
+            .await
+            .expect("a focused element")
+            .send_keys(key)
+            .await
+            .unwrap_or_else(|e| panic!("key {key:?}: {e}"));
+    }
+
+    /// Moves the focus with Tab alone, as a keyboard user would, until it is
+    /// on `css`; the element must show that it has the focus.
+    async fn tab_to(&self, css: &str) {
+        let on = format!(
+            "const a = document.activeElement; return !!a && a.matches({css:?}) && a.matches(':focus-visible')"
+        );
+        for _ in 0..120 {
+            if self.js(&on).await == json!(true) {
+                return;
+            }
+            self.press(TAB).await;
+        }
+        panic!("{css} is not reached with Tab (or shows no focus)");
     }
 
     async fn stop(mut self) {
@@ -369,8 +401,15 @@ async fn console_in_a_browser() {
     )
     .await;
     assert!(batch_state(listen, "slow").await.paused);
-    b.click("button[data-action=cancel-ask]").await;
-    let asked = b.until("confirmation shown", "const c = document.querySelector('#cancel-confirm'); return !c.hidden && c.textContent").await;
+    // The cancel, by keyboard alone: Tab to it, Enter; the confirmation
+    // takes the focus on its "No", and gives it back when closed.
+    let shown =
+        "const c = document.querySelector('#cancel-confirm'); return !c.hidden && c.textContent";
+    let focused = |css: &str| format!("return document.activeElement.matches({css:?})");
+    let ask = "button[data-action=cancel-ask]";
+    b.tab_to(ask).await;
+    b.press(ENTER).await;
+    let asked = b.until("confirmation shown", shown).await;
     assert!(
         asked
             .as_str()
@@ -378,16 +417,32 @@ async fn console_in_a_browser() {
             .contains("queued row(s) end failed"),
         "{asked}"
     );
-    // "No" keeps it.
-    b.click("button[data-action=cancel-no]").await;
     assert_eq!(
-        b.js("return document.querySelector('#cancel-confirm').hidden")
-            .await,
-        json!(true)
+        b.js(&focused("button[data-action=cancel-no]")).await,
+        json!(true),
+        "the confirmation's No has the focus"
     );
+    // "No" keeps it, and so does Escape.
+    b.press(ENTER).await;
+    let closed = "return document.querySelector('#cancel-confirm').hidden";
+    assert_eq!(b.js(closed).await, json!(true));
+    assert_eq!(b.js(&focused(ask)).await, json!(true), "focus back");
+    b.press(ENTER).await;
+    b.until("confirmation shown again", shown).await;
+    b.press(ESCAPE).await;
+    assert_eq!(b.js(closed).await, json!(true), "Escape closes it");
+    assert_eq!(b.js(&focused(ask)).await, json!(true), "focus back");
     assert!(!batch_state(listen, "slow").await.cancelled);
-    b.click("button[data-action=cancel-ask]").await;
-    b.click("button[data-action=cancel]").await;
+    // Yes comes just before No.
+    b.press(ENTER).await;
+    b.until("confirmation shown once more", shown).await;
+    b.press(&format!("{SHIFT}{TAB}{RELEASE}")).await;
+    assert_eq!(
+        b.js(&focused("button[data-action=cancel]")).await,
+        json!(true),
+        "Shift+Tab reaches Yes"
+    );
+    b.press(ENTER).await;
     let deadline = Instant::now() + WAIT;
     while !batch_state(listen, "slow").await.cancelled {
         assert!(Instant::now() < deadline, "cancelled");

@@ -65,6 +65,14 @@
     return { rows: rows, codes: boxes.map((b) => b.value) };
   }
 
+  // Closes the cancel confirmation without cancelling; the focus goes back
+  // to the button that opened it.
+  function keep(confirmBox) {
+    confirmBox.hidden = true;
+    const ask = $("button[data-action=cancel-ask]");
+    if (ask) ask.focus();
+  }
+
   function actions() {
     const panel = $("section.actions");
     if (!panel) return;
@@ -72,13 +80,18 @@
     const base = "/batches/" + batch;
     retryCost(panel);
     panel.addEventListener("change", () => retryCost(panel));
+    // Escape answers "No", as in a dialog; the focus goes back where it was.
+    panel.addEventListener("keydown", (ev) => {
+      const confirmBox = $("#cancel-confirm");
+      if (ev.key === "Escape" && confirmBox && !confirmBox.hidden) keep(confirmBox);
+    });
     panel.addEventListener("click", async (ev) => {
       const btn = ev.target.closest("button[data-action]");
       if (!btn) return;
       const action = btn.dataset.action;
       const confirmBox = $("#cancel-confirm");
       if (action === "cancel-ask") { confirmBox.hidden = false; $("button[data-action=cancel-no]", confirmBox).focus(); return; }
-      if (action === "cancel-no") { confirmBox.hidden = true; return; }
+      if (action === "cancel-no") { keep(confirmBox); return; }
       let result;
       btn.disabled = true;
       try {
