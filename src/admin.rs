@@ -525,7 +525,7 @@ async fn require_admin(State(gate): State<Gate>, req: Request, next: Next) -> Re
     if gate.authorized(req.headers()) {
         return next.run(req).await;
     }
-    tracing::warn!(method = %req.method(), path = %req.uri().path(), "request refused: no valid admin token or console session");
+    tracing::warn!(method = %req.method(), path = %crate::redact::request_path(req.uri().path()), "request refused: no valid admin token or console session");
     (
         StatusCode::UNAUTHORIZED,
         [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))],
@@ -546,7 +546,7 @@ async fn check_host(State(gate): State<Gate>, req: Request, next: Next) -> Respo
     if ok {
         return next.run(req).await;
     }
-    tracing::warn!(host = host.unwrap_or(""), path = %req.uri().path(), "request refused: Host is not one of this listener's names");
+    tracing::warn!(host = host.unwrap_or(""), path = %crate::redact::request_path(req.uri().path()), "request refused: Host is not one of this listener's names");
     (
         StatusCode::MISDIRECTED_REQUEST,
         "Host not served here: use localhost, 127.0.0.1, [::1], the listen address, or the host of --callback-url\n",

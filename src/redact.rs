@@ -58,15 +58,28 @@ pub(crate) fn presigned(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// Where the next `http://` or `https://` starts in `lower` at or after `from`.
+/// Where the next `http://` or `https://` starts in `lower` at or after
+/// `from`, slashes JSON-escaped (`https:\/\/`, as PHP writes them) or not.
 fn find_url(lower: &str, from: usize) -> Option<usize> {
     let tail = lower.get(from..)?;
-    let at = tail
-        .find("http://")
-        .into_iter()
-        .chain(tail.find("https://"))
+    let at = ["http://", "https://", "http:\\/\\/", "https:\\/\\/"]
+        .iter()
+        .filter_map(|scheme| tail.find(scheme))
         .min()?;
     Some(from + at)
+}
+
+/// Request paths whose tail is a secret: the callback's, a media file's
+/// token, a staged console drop's token.
+const SECRET_PATHS: &[&str] = &["/callback/", "/media/", "/console/drop/"];
+
+/// A request path fit for a log line: the secret tail of the routes that
+/// carry one is cut.
+pub(crate) fn request_path(path: &str) -> Cow<'_, str> {
+    match SECRET_PATHS.iter().find(|p| path.starts_with(*p)) {
+        Some(prefix) if path.len() > prefix.len() => Cow::Owned(format!("{prefix}{REDACTED}")),
+        _ => Cow::Borrowed(path),
+    }
 }
 
 fn signed(query: &str) -> bool {
@@ -109,6 +122,27 @@ mod tests {
             presigned(text),
             r#"{"error":"cannot fetch https://b.example/a.png?REDACTED"}"#
         );
+    }
+
+    #[test]
+    fn json_escaped_slashes_are_seen() {
+        let text = r#"{"msg":"no https:\/\/b.example\/a.png?X-Amz-Signature=abc here"}"#;
+        assert_eq!(
+            presigned(text),
+            r#"{"msg":"no https:\/\/b.example\/a.png?REDACTED here"}"#
+        );
+    }
+
+    #[test]
+    fn secret_tails_of_request_paths_are_cut() {
+        assert_eq!(request_path("/callback/s3cr3t"), "/callback/REDACTED");
+        assert_eq!(request_path("/media/abc.wav"), "/media/REDACTED");
+        assert_eq!(
+            request_path("/console/drop/tok/accept"),
+            "/console/drop/REDACTED"
+        );
+        assert_eq!(request_path("/console/drop"), "/console/drop");
+        assert_eq!(request_path("/batches/b1/retry"), "/batches/b1/retry");
     }
 
     #[test]

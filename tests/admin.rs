@@ -243,6 +243,16 @@ async fn changing_requests_need_the_token_and_never_come_from_another_site() {
         .await,
         StatusCode::MISDIRECTED_REQUEST
     );
+    // A refused path that carries a secret is logged without it.
+    assert_eq!(
+        post(
+            listen,
+            "/callback/not-logged-c4llback-s3cret",
+            &[("host", "rebound.example")]
+        )
+        .await,
+        StatusCode::MISDIRECTED_REQUEST
+    );
     let port = listen.port().to_string();
     for host in [
         "localhost".to_owned(),
@@ -355,6 +365,10 @@ async fn changing_requests_need_the_token_and_never_come_from_another_site() {
     let log = log_text(&dirs, 0);
     assert!(!log.contains(&token), "the admin token is logged");
     assert!(!log.contains(&cookie), "a session is logged");
+    assert!(
+        !log.contains("not-logged-c4llback-s3cret") && log.contains("/callback/REDACTED"),
+        "a refused callback path is logged whole: {log}"
+    );
     sim.stop().await;
 }
 
