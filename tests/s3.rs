@@ -171,6 +171,16 @@ async fn an_s3_outbox_gets_every_video_whole_and_results_last() {
             .map(str::to_owned),
     );
     let part = part.bytes().await.expect("range body");
+    // Across the first 4 MiB GET's end: the daemon reads the store in parts.
+    let across = http
+        .get(&video)
+        .header("range", "bytes=4194000-4195000")
+        .send()
+        .await
+        .expect("GET range across parts")
+        .bytes()
+        .await
+        .expect("range body");
     let status = terminate(&mut daemon, Duration::from_secs(25));
     let log = log_text(&dirs, 0);
     assert!(finished, "no results.csv in the store; log:\n{log}");
@@ -184,6 +194,10 @@ async fn an_s3_outbox_gets_every_video_whole_and_results_last() {
         Some(format!("bytes 1000-1099/{}", stored.len()).as_str())
     );
     assert!(part[..] == stored[1000..1100], "the range as stored");
+    assert!(
+        across[..] == stored[4_194_000..4_195_001],
+        "across two GETs"
+    );
 
     let results = check_store_against_sim(&server, "b1", &sim).await;
     assert_eq!(results.len(), 8);

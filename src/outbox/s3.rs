@@ -74,6 +74,32 @@ impl std::fmt::Display for StoreTarget {
     }
 }
 
+/// Most bytes one GET of [`S3Outbox::read`] asks for: at the client's 60 s
+/// request timeout, a reader taking 70 KB/s still gets every part whole.
+const READ_PART: u64 = 4 * 1024 * 1024;
+
+/// `range` in consecutive parts of at most [`READ_PART`] bytes.
+fn read_parts(range: std::ops::Range<u64>) -> impl Iterator<Item = std::ops::Range<u64>> {
+    (range.start..range.end)
+        .step_by(usize::try_from(READ_PART).unwrap_or(usize::MAX))
+        .map(move |start| start..range.end.min(start.saturating_add(READ_PART)))
+}
+
+/// One GET of bytes `range` of `path`, its body as it arrives.
+async fn get_range(
+    store: &AmazonS3,
+    path: &ObjectPath,
+    range: std::ops::Range<u64>,
+) -> object_store::Result<
+    futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
+> {
+    let options = object_store::GetOptions {
+        range: Some(object_store::GetRange::Bounded(range)),
+        ..Default::default()
+    };
+    Ok(store.get_opts(path, options).await?.into_stream())
+}
+
 /// One bucket and prefix of an S3-compatible service.
 pub struct S3Outbox {
     pub target: StoreTarget,
@@ -209,7 +235,11 @@ impl S3Outbox {
             .await
     }
 
-    /// Bytes `range` of the object at `key`, as they arrive.
+    /// Bytes `range` of the object at `key`, as they arrive. Read by GETs
+    /// of at most [`READ_PART`] bytes one after the other, since each GET
+    /// must end within the client's request timeout however slowly the
+    /// bytes are taken; the first is sent before this returns, so that a
+    /// store that refuses is an error here.
     pub async fn read(
         &self,
         key: &str,
@@ -218,14 +248,23 @@ impl S3Outbox {
         futures_util::stream::BoxStream<'static, object_store::Result<bytes::Bytes>>,
         OutboxError,
     > {
-        let options = object_store::GetOptions {
-            range: Some(object_store::GetRange::Bounded(range)),
-            ..Default::default()
+        use futures_util::{StreamExt, TryStreamExt};
+        let path = self.path(key)?;
+        let mut parts = read_parts(range);
+        let Some(first) = parts.next() else {
+            return Ok(futures_util::stream::empty().boxed());
         };
-        match self.store.get_opts(&self.path(key)?, options).await {
-            Ok(got) => Ok(got.into_stream()),
-            Err(e) => Err(self.error("GET", key, &e)),
-        }
+        let first = get_range(&self.store, &path, first)
+            .await
+            .map_err(|e| self.error("GET", key, &e))?;
+        let store = self.store.clone();
+        let rest = futures_util::stream::iter(parts)
+            .then(move |part| {
+                let (store, path) = (store.clone(), path.clone());
+                async move { get_range(&store, &path, part).await }
+            })
+            .try_flatten();
+        Ok(first.chain(rest).boxed())
     }
 
     /// Removes the object at `key` (gone already is fine).
@@ -335,6 +374,21 @@ fn one_line(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_go_in_parts_of_at_most_read_part() {
+        let parts: Vec<_> = read_parts(10..10 + 2 * READ_PART + 1).collect();
+        assert_eq!(
+            parts,
+            vec![
+                10..10 + READ_PART,
+                10 + READ_PART..10 + 2 * READ_PART,
+                10 + 2 * READ_PART..11 + 2 * READ_PART
+            ]
+        );
+        assert_eq!(read_parts(5..6).collect::<Vec<_>>(), vec![5..6]);
+        assert_eq!(read_parts(7..7).count(), 0);
+    }
 
     #[test]
     fn parses_targets() {
