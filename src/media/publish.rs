@@ -49,7 +49,7 @@ enum Mode {
         s3: Arc<S3Outbox>,
         /// One upload per object at a time: rows sharing a file submitted
         /// together upload it once (the others find it there).
-        uploading: Arc<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>>,
+        uploading: Arc<Uploading>,
     },
 }
 
@@ -189,7 +189,7 @@ impl Publisher {
     async fn store_url(
         &self,
         s3: &S3Outbox,
-        uploading: &std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+        uploading: &Uploading,
         v: &Verified,
     ) -> Result<String, MediaError> {
         let object = s3.key_under(&format!(
@@ -197,19 +197,11 @@ impl Publisher {
             crate::ingest::hex(&v.entry.print.sha256),
             v.entry.format.extension()
         ));
-        let lock = uploading
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(object.clone())
-            .or_default()
-            .clone();
-        let held = lock.lock().await;
+        let turn = UploadTurn::take(uploading, &object);
+        let held = turn.lock.lock().await;
         let uploaded = self.upload_once(s3, &object, v).await;
         drop(held);
-        uploading
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&object);
+        drop(turn);
         uploaded?;
         Ok(s3.signed_get(&object, MEDIA_URL_TTL).await?)
     }
@@ -348,6 +340,48 @@ fn route_url(url: &url::Url) -> String {
     }
 }
 
+/// The uploads in progress, one lock per object key.
+type Uploading = std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>;
+
+/// A place in line for uploading one object. The key leaves the map when
+/// its last user is done, or dropped half-way (a stop): the map holds only
+/// objects in use, and nobody still waiting finds a fresh lock and uploads
+/// the same object beside the first.
+struct UploadTurn<'a> {
+    map: &'a Uploading,
+    object: String,
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl<'a> UploadTurn<'a> {
+    fn take(map: &'a Uploading, object: &str) -> UploadTurn<'a> {
+        let lock = map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(object.to_owned())
+            .or_default()
+            .clone();
+        UploadTurn {
+            map,
+            object: object.to_owned(),
+            lock,
+        }
+    }
+}
+
+impl Drop for UploadTurn<'_> {
+    fn drop(&mut self) {
+        let mut map = self
+            .map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The map's handle and this one: nobody else is in line.
+        if Arc::strong_count(&self.lock) <= 2 {
+            map.remove(&self.object);
+        }
+    }
+}
+
 /// A keyed HMAC; HMAC takes keys of any length, so this cannot fail.
 fn hmac_with(key: &[u8]) -> HmacSha256 {
     <HmacSha256 as KeyInit>::new_from_slice(key).expect("HMAC takes keys of any length")
@@ -405,6 +439,22 @@ pub fn verify(table: &Table, row: u64, column: Column, cell: &str) -> Result<Ver
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_upload_lock_stays_while_anyone_is_in_line_and_goes_after() {
+        let map = Uploading::default();
+        let len = || map.lock().expect("map").len();
+        let first = UploadTurn::take(&map, "k");
+        let second = UploadTurn::take(&map, "k");
+        assert!(Arc::ptr_eq(&first.lock, &second.lock), "one lock a key");
+        drop(first);
+        assert_eq!(len(), 1, "the second still waits on it");
+        let third = UploadTurn::take(&map, "k");
+        assert!(Arc::ptr_eq(&second.lock, &third.lock), "no fresh lock");
+        drop(second);
+        drop(third);
+        assert_eq!(len(), 0, "gone with its last user");
+    }
 
     #[test]
     fn the_media_url_names_the_listener_or_its_media_route() {
