@@ -38,6 +38,15 @@ pub(crate) struct Archive {
     dir: PathBuf,
 }
 
+/// A batch's archive for reading; `None` while it has none.
+fn open_reader(path: &Path) -> Result<Option<BufReader<File>>, StoreError> {
+    match File::open(path) {
+        Ok(file) => Ok(Some(BufReader::with_capacity(256 * 1024, file))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_err(path)(e)),
+    }
+}
+
 fn io_err(path: &Path) -> impl Fn(io::Error) -> StoreError + '_ {
     move |source| StoreError::Archive {
         path: path.to_owned(),
@@ -98,12 +107,9 @@ impl Archive {
     ) -> Result<(), StoreError> {
         let path = self.path(seq);
         let err = io_err(&path);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(err(e)),
+        let Some(mut reader) = open_reader(&path)? else {
+            return Ok(());
         };
-        let mut reader = BufReader::with_capacity(256 * 1024, file);
         let mut line = Vec::new();
         let mut offset = 0u64;
         loop {
@@ -218,12 +224,9 @@ impl ArchiveIndex {
         }
         let path = archive.path(seq);
         let err = io_err(&path);
-        let file = match File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            Err(e) => return Err(err(e)),
+        let Some(mut reader) = open_reader(&path)? else {
+            return Ok(());
         };
-        let mut reader = BufReader::with_capacity(256 * 1024, file);
         reader.seek(SeekFrom::Start(self.scanned)).map_err(&err)?;
         let mut line = Vec::new();
         loop {

@@ -629,13 +629,8 @@ impl Store {
             if out.len() >= limit {
                 break;
             }
-            let (k, _) = item.map_err(db_err)?;
-            let key = parse_row_key(k.get(1..).unwrap_or_default())?;
-            // Changed (or archived) since the index was read: not in `state`.
-            if let Some(record) = self.live_row(key)?
-                && record.state == state
-            {
-                out.push((key, record));
+            if let Some(found) = self.indexed_row(item, state)? {
+                out.push(found);
             }
         }
         Ok(out)
@@ -686,18 +681,29 @@ impl Store {
                     if out.len() >= limit {
                         break;
                     }
-                    let (k, _) = item.map_err(db_err)?;
-                    let key = parse_row_key(k.get(1..).unwrap_or_default())?;
-                    // Changed since the index was read: it shows elsewhere.
-                    if let Some(record) = self.live_row(key)?
-                        && record.state == state
-                    {
+                    if let Some((key, record)) = self.indexed_row(item, state)? {
                         out.push((key.row, record));
                     }
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The row of an entry of the `state` index, if it is still live and in
+    /// `state` (it may have changed, or been archived, since the index was
+    /// read: then it shows elsewhere).
+    fn indexed_row(
+        &self,
+        item: sled::Result<(sled::IVec, sled::IVec)>,
+        state: RowState,
+    ) -> Result<Option<(RowKey, RowRecord)>, StoreError> {
+        let (k, _) = item.map_err(db_err)?;
+        let key = parse_row_key(k.get(1..).unwrap_or_default())?;
+        Ok(self
+            .live_row(key)?
+            .filter(|r| r.state == state)
+            .map(|r| (key, r)))
     }
 
     /// Whether row `key` is live in the database.
