@@ -101,7 +101,11 @@ impl Drops {
             .mode(0o700)
             .create(&dir)?;
         let path = dir.join(file);
-        crate::fsutil::write_atomic(&path, bytes)?;
+        if let Err(e) = crate::fsutil::write_atomic(&path, bytes) {
+            // Nothing tracks the folder yet: it goes now or never.
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
         let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
         let mut gone = Vec::new();
