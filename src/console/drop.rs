@@ -43,6 +43,9 @@ struct Staged {
     token: String,
     file: PathBuf,
     at: Instant,
+    /// Still being checked: its file is read, so it is not evicted (a
+    /// check given up by its client ends with the TTL).
+    checking: bool,
 }
 
 /// The manifests waiting for confirmation.
@@ -117,16 +120,37 @@ impl Drops {
             keep
         });
         if staged.len() >= MAX_STAGED {
-            gone.push(staged.remove(0).file);
+            match staged.iter().position(|s| !s.checking) {
+                Some(oldest) => gone.push(staged.remove(oldest).file),
+                None => {
+                    drop(staged);
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::WouldBlock,
+                        format!(
+                            "{MAX_STAGED} dropped manifests are being checked; try again when one is done"
+                        ),
+                    ));
+                }
+            }
         }
         staged.push(Staged {
             token: token.clone(),
             file: path.clone(),
             at: now,
+            checking: true,
         });
         drop(staged);
         gone.iter().for_each(|f| remove_staged(f));
         Ok((token, path))
+    }
+
+    /// Marks the drop of `token` checked: it may now be evicted by newer ones.
+    fn checked(&self, token: &str) {
+        let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(s) = staged.iter_mut().find(|s| s.token == token) {
+            s.checking = false;
+        }
     }
 
     fn take(&self, token: &str) -> Option<PathBuf> {
@@ -209,6 +233,9 @@ pub(crate) async fn check(
     .await;
     let (token, path, validated, duplicate_of) = match staged {
         Ok(Ok(s)) => s,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            return bad(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
+        }
         Ok(Err(e)) => {
             return bad(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -266,6 +293,7 @@ pub(crate) async fn check(
         }
     }
     if checked.problems.is_empty() {
+        c.drops.checked(&token);
         checked.token = Some(token);
     } else if let Some(staged) = c.drops.take(&token) {
         remove_staged(&staged);
@@ -321,6 +349,33 @@ pub(crate) async fn accept(State(c): State<Console>, UrlPath(token): UrlPath<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_drop_being_checked_is_never_evicted() {
+        let inbox = tempfile::tempdir().expect("tempdir");
+        let drops = Drops::new(inbox.path().to_owned());
+        let staged: Vec<(String, PathBuf)> = (0..MAX_STAGED)
+            .map(|i| drops.stage(&format!("m{i}.csv"), b"id\n").expect("staged"))
+            .collect();
+        // All still being checked: a new one waits its turn, leaving nothing.
+        let refused = drops.stage("late.csv", b"id\n").expect_err("no room");
+        assert_eq!(refused.kind(), std::io::ErrorKind::WouldBlock);
+        assert_eq!(
+            std::fs::read_dir(&drops.dir).expect("dir").count(),
+            MAX_STAGED
+        );
+        // Once the second is checked, it is the one a newcomer evicts.
+        drops.checked(&staged[1].0);
+        let (late, _) = drops.stage("late.csv", b"id\n").expect("room");
+        assert!(!staged[1].1.exists(), "the checked one went");
+        assert!(
+            staged[0].1.exists(),
+            "the oldest, still being checked, stays"
+        );
+        assert!(drops.take(&staged[0].0).is_some());
+        assert!(drops.take(&staged[1].0).is_none());
+        assert!(drops.take(&late).is_some());
+    }
 
     #[test]
     fn only_plain_csv_names() {
