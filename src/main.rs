@@ -36,7 +36,9 @@ fn main() -> ExitCode {
             init_logging(settings.log_format, journal);
             runtime(|| async move {
                 let shutdown = CancellationToken::new();
-                let signals = tokio::spawn(watch_signals(shutdown.clone()));
+                // Installed before the daemon starts, so that a stop sent
+                // while it starts is a graceful one too.
+                let signals = tokio::spawn(watch_signals(stop_signals(), shutdown.clone()));
                 let result = daemon::run(settings, shutdown).await;
                 signals.abort();
                 match result {
@@ -246,13 +248,25 @@ impl<W: std::io::Write> std::io::Write for PriorityLines<W> {
     }
 }
 
-/// SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
-async fn watch_signals(shutdown: CancellationToken) {
+/// SIGTERM's and SIGINT's streams; from now on neither ends the process
+/// by itself.
+fn stop_signals() -> Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)> {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
+    match (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) else {
+    ) {
+        (Ok(term), Ok(int)) => Some((term, int)),
+        _ => None,
+    }
+}
+
+/// SIGTERM or SIGINT starts a graceful stop; a second one exits at once.
+async fn watch_signals(
+    signals: Option<(tokio::signal::unix::Signal, tokio::signal::unix::Signal)>,
+    shutdown: CancellationToken,
+) {
+    let Some((mut term, mut int)) = signals else {
         tracing::error!("cannot install signal handlers");
         return;
     };
