@@ -868,3 +868,35 @@ async fn in_callback_mode_each_task_costs_one_status_query() {
         "one confirming status query per callback and no other poll"
     );
 }
+
+/// A stop sent the moment the daemon catches SIGTERM (while it still opens
+/// its store and starts its workers) is a graceful one: exit 0, and the
+/// accepted rows stay for the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_starting_is_graceful() {
+    let sim = Sim::start(fast_sim()).await;
+    let dirs = Dirs::new();
+    write_manifest(
+        &dirs.inbox,
+        "early.csv",
+        &rows("e", 3, |_| "sim_audio_seconds=5".into()),
+    );
+    for run in 0..3 {
+        let mut daemon = spawn_daemon(&dirs, &sim.url(), free_addr(), &POLL, run);
+        let status = terminate(&mut daemon, Duration::from_secs(25));
+        let log = log_text(&dirs, run);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "exit: {status:?}\n{log}"
+        );
+    }
+    let listen = free_addr();
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &POLL, 3);
+    let finished = wait_results(&dirs, "early", Duration::from_secs(60)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    assert!(finished, "{}", log_text(&dirs, 3));
+    assert!(status.is_some_and(|s| s.success()), "exit: {status:?}");
+    let results = check_results_against_sim(&dirs, "early", &sim.handle);
+    assert!(results.iter().all(|r| r["state"] == "done"), "{results:?}");
+    sim.stop().await;
+}

@@ -175,8 +175,17 @@ fn daemon_command(
     cmd
 }
 
-/// Sends SIGTERM and waits up to `limit` for the exit status.
+/// Sends SIGTERM and waits up to `limit` for the exit status. A daemon
+/// just started is first given until it catches SIGTERM (its handler is
+/// installed within milliseconds; before that, the signal would kill it).
 pub fn terminate(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let starting = Instant::now() + limit.min(Duration::from_secs(2));
+    while !catches_sigterm(child.id()) && Instant::now() < starting {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
     let deadline = Instant::now() + limit;
@@ -189,6 +198,19 @@ pub fn terminate(child: &mut Child, limit: Duration) -> Option<std::process::Exi
     let _ = child.kill();
     let _ = child.wait();
     None
+}
+
+/// Whether process `pid` has a handler for SIGTERM (the `SigCgt` mask of
+/// `/proc/PID/status`).
+fn catches_sigterm(pid: u32) -> bool {
+    let Ok(status) = fs::read_to_string(format!("/proc/{pid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (15 - 1)) != 0)
 }
 
 /// SIGKILL, then reap.
