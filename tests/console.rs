@@ -90,6 +90,16 @@ impl Browser {
             .connect(&format!("http://127.0.0.1:{port}"))
             .await
             .expect("browser session");
+        // A page that does not load within WAIT is a failure, not a wait:
+        // the browser's own default is five minutes.
+        client
+            .update_timeouts(fantoccini::wd::TimeoutConfiguration::new(
+                None,
+                Some(WAIT),
+                None,
+            ))
+            .await
+            .expect("page-load timeout");
         Browser {
             driver,
             client: Some(client),
@@ -447,6 +457,30 @@ async fn console_in_a_browser() {
     while !batch_state(listen, "slow").await.cancelled {
         assert!(Instant::now() < deadline, "cancelled");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // At phone width nothing runs off the side: no page scrolls sideways.
+    b.c()
+        .set_window_size(390, 844)
+        .await
+        .expect("phone-sized window");
+    for page in [
+        "/",
+        "/batches/dropped",
+        "/batches/dropped/rows/d5",
+        "/rejected",
+    ] {
+        b.goto(&format!("{base}{page}")).await;
+        let widths = b
+            .js("return [document.documentElement.scrollWidth, document.documentElement.clientWidth]")
+            .await;
+        let (scroll, client) = (widths[0].as_u64(), widths[1].as_u64());
+        assert!(
+            scroll
+                .zip(client)
+                .is_some_and(|(s, c)| c > 0 && c <= 400 && s <= c),
+            "{page} at phone width: scroll and client widths {widths}"
+        );
     }
     b.stop().await;
 

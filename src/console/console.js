@@ -21,21 +21,31 @@
   function live() {
     const mark = $("#live");
     const say = (state, text) => { if (mark) { mark.dataset.state = state; mark.textContent = text; } };
-    const source = new EventSource("/console/live");
-    source.onopen = () => say("live", "live");
-    source.onerror = () => say("down", "reconnecting…");
-    source.onmessage = (ev) => {
-      let msg;
-      try { msg = JSON.parse(ev.data); } catch (_) { return; }
-      const regions = msg.regions || {};
-      $$("[data-region]").forEach((el) => {
-        const html = regions[el.dataset.region];
-        if (html === undefined || shown.get(el.dataset.region) === html) return;
-        shown.set(el.dataset.region, html);
-        el.innerHTML = html;
-      });
-      say("live", "live");
-    };
+    let source = null;
+    // A page left (or kept in the back-forward cache) gives its stream up:
+    // a browser holds about six connections to one host, and streams of
+    // pages left behind would leave none for the next page's requests.
+    window.addEventListener("pagehide", () => { if (source) { source.close(); source = null; } });
+    window.addEventListener("pageshow", (ev) => { if (ev.persisted && !source) open(); });
+    open();
+
+    function open() {
+      source = new EventSource("/console/live");
+      source.onopen = () => say("live", "live");
+      source.onerror = () => say("down", "reconnecting…");
+      source.onmessage = (ev) => {
+        let msg;
+        try { msg = JSON.parse(ev.data); } catch (_) { return; }
+        const regions = msg.regions || {};
+        $$("[data-region]").forEach((el) => {
+          const html = regions[el.dataset.region];
+          if (html === undefined || shown.get(el.dataset.region) === html) return;
+          shown.set(el.dataset.region, html);
+          el.innerHTML = html;
+        });
+        say("live", "live");
+      };
+    }
   }
 
   // ---- actions ----
