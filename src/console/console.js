@@ -22,12 +22,15 @@
     const mark = $("#live");
     const say = (state, text) => { if (mark) { mark.dataset.state = state; mark.textContent = text; } };
     let source = null;
-    // A page left (or kept in the back-forward cache) gives its stream up:
-    // a browser holds about six connections to one host, and streams of
-    // pages left behind would leave none for the next page's requests.
-    window.addEventListener("pagehide", () => { if (source) { source.close(); source = null; } });
-    window.addEventListener("pageshow", (ev) => { if (ev.persisted && !source) open(); });
-    open();
+    // A page left (or kept in the back-forward cache), or a tab out of
+    // sight, gives its stream up: a browser holds about six connections to
+    // one host, and streams nobody looks at would leave none for the pages
+    // in view. Back in view, the first event brings every region up to date.
+    const close = () => { if (source) { source.close(); source = null; } };
+    window.addEventListener("pagehide", close);
+    window.addEventListener("pageshow", (ev) => { if (ev.persisted && !source && !document.hidden) open(); });
+    document.addEventListener("visibilitychange", () => { if (document.hidden) close(); else if (!source) open(); });
+    if (!document.hidden) open();
 
     function open() {
       source = new EventSource("/console/live");
