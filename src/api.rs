@@ -582,25 +582,20 @@ async fn read_capped<'a>(
     if announced > MAX_LARGE_BODY_BYTES as u64 {
         return Err(over(announced));
     }
+    // The semaphore is never closed, so a permit always comes; the wait is
+    // bounded by the holder's request timeout (body included).
     let mut permit = None;
+    if announced > MAX_BODY_BYTES as u64 {
+        permit = large.acquire().await.ok();
+    }
     let mut out = Vec::new();
-    loop {
-        let len = out
-            .len()
-            .max(usize::try_from(announced).unwrap_or(usize::MAX));
-        // The wait is bounded: the holder's request has a timeout, body
-        // included, and this request's own timeout runs meanwhile.
-        if len > MAX_BODY_BYTES && permit.is_none() {
-            permit =
-                Some(large.acquire().await.map_err(|_| {
-                    ApiError::Malformed("the large-answer permit is closed".into())
-                })?);
+    while let Some(chunk) = resp.chunk().await.map_err(network)? {
+        let len = out.len() + chunk.len();
+        if len > MAX_LARGE_BODY_BYTES {
+            return Err(over(len as u64));
         }
-        let Some(chunk) = resp.chunk().await.map_err(network)? else {
-            break;
-        };
-        if out.len() + chunk.len() > MAX_LARGE_BODY_BYTES {
-            return Err(over((out.len() + chunk.len()) as u64));
+        if len > MAX_BODY_BYTES && permit.is_none() {
+            permit = large.acquire().await.ok();
         }
         out.extend_from_slice(&chunk);
     }

@@ -48,6 +48,15 @@ struct Staged {
     checking: bool,
 }
 
+/// Why a dropped manifest could not be staged.
+#[derive(Debug, thiserror::Error)]
+enum StageError {
+    #[error("{MAX_STAGED} dropped manifests are being checked; try again when one is done")]
+    Busy,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// The manifests waiting for confirmation.
 pub(crate) struct Drops {
     dir: PathBuf,
@@ -95,7 +104,7 @@ impl Drops {
     }
 
     /// Stages `bytes` as `file`; returns its token and path.
-    fn stage(&self, file: &str, bytes: &[u8]) -> std::io::Result<(String, PathBuf)> {
+    fn stage(&self, file: &str, bytes: &[u8]) -> Result<(String, PathBuf), StageError> {
         use std::os::unix::fs::DirBuilderExt;
         let token = crate::ingest::hex(&rand::random::<[u8; 16]>());
         let dir = self.dir.join(&token);
@@ -107,7 +116,7 @@ impl Drops {
         if let Err(e) = crate::fsutil::write_atomic(&path, bytes) {
             // Nothing tracks the folder yet: it goes now or never.
             let _ = std::fs::remove_dir_all(&dir);
-            return Err(e);
+            return Err(e.into());
         }
         let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
         let now = Instant::now();
@@ -125,12 +134,7 @@ impl Drops {
                 None => {
                     drop(staged);
                     let _ = std::fs::remove_dir_all(&dir);
-                    return Err(std::io::Error::new(
-                        std::io::ErrorKind::WouldBlock,
-                        format!(
-                            "{MAX_STAGED} dropped manifests are being checked; try again when one is done"
-                        ),
-                    ));
+                    return Err(StageError::Busy);
                 }
             }
         }
@@ -228,15 +232,15 @@ pub(crate) async fn check(
             Ok(summary) => store.batch_with_hash(&summary.sha256).ok().flatten(),
             Err(_) => None,
         };
-        Ok::<_, std::io::Error>((token, path, validated, duplicate))
+        Ok::<_, StageError>((token, path, validated, duplicate))
     })
     .await;
     let (token, path, validated, duplicate_of) = match staged {
         Ok(Ok(s)) => s,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+        Ok(Err(e @ StageError::Busy)) => {
             return bad(StatusCode::SERVICE_UNAVAILABLE, &e.to_string());
         }
-        Ok(Err(e)) => {
+        Ok(Err(StageError::Io(e))) => {
             return bad(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &format!("cannot stage the manifest: {e}"),
@@ -359,7 +363,7 @@ mod tests {
             .collect();
         // All still being checked: a new one waits its turn, leaving nothing.
         let refused = drops.stage("late.csv", b"id\n").expect_err("no room");
-        assert_eq!(refused.kind(), std::io::ErrorKind::WouldBlock);
+        assert!(matches!(refused, StageError::Busy), "{refused}");
         assert_eq!(
             std::fs::read_dir(&drops.dir).expect("dir").count(),
             MAX_STAGED
