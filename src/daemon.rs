@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::ApiClient;
 use crate::config::{ApiKey, Settings};
+use crate::dispatch::admit::Admitter;
 use crate::dispatch::poll::Poller;
 use crate::dispatch::submit::Submitter;
 use crate::dispatch::{self, Engine, Inboxes};
@@ -285,7 +286,7 @@ pub async fn serve(
                     config,
                     move |batch| {
                         tracing::info!(batch = %batch.name, rows = batch.total_rows, "batch queued");
-                        engine.work.notify_one();
+                        engine.queue_changed();
                         // The finisher puts its manifest in an object-store outbox.
                         let _ = engine.finished.send(batch.seq);
                     },
@@ -393,6 +394,10 @@ fn spawn_listener(
 fn spawn_workers(sup: &Supervisor, engine: &Arc<Engine>, inboxes: &Arc<Inboxes>) {
     let e = engine.clone();
     sup.spawn("submit", move |beat| Submitter::new(e.clone(), beat).run());
+    if engine.settings.probe {
+        let e = engine.clone();
+        sup.spawn("admit", move |beat| Admitter::new(e.clone(), beat).run());
+    }
     let (e, i) = (engine.clone(), inboxes.clone());
     sup.spawn("poll", move |beat| {
         let (e, i) = (e.clone(), i.clone());

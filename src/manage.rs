@@ -280,7 +280,7 @@ async fn retry_handler(
     let done = tokio::task::spawn_blocking(move || retry(&store, &name, &req)).await;
     match done {
         Ok(Ok(outcome)) => {
-            engine.work.notify_one();
+            engine.queue_changed();
             axum::Json(outcome).into_response()
         }
         Ok(Err(e)) => error_response(&e),
@@ -318,7 +318,7 @@ async fn control(
     match tokio::task::spawn_blocking(move || f(&store)).await {
         Ok(Ok(outcome)) => {
             // A resumed or re-weighted batch may have rows to send now.
-            engine.work.notify_one();
+            engine.queue_changed();
             axum::Json(outcome).into_response()
         }
         Ok(Err(e)) => error_response(&e),

@@ -139,3 +139,46 @@ async fn a_small_batch_is_not_stuck_behind_a_large_one_and_pause_holds_a_batch()
     assert!(!ok, "{text}");
     sim.stop().await;
 }
+
+/// With `--probe`, rows are admitted with their audio's length before they
+/// have a slot, and a batch's queued rows go longest first: its last tasks
+/// are its short ones. Read off the simulator's order of task creation, with
+/// one slot so that the order is the daemon's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_probe_the_longest_rows_are_sent_first() {
+    let sim = Sim::start(fast_sim()).await;
+    let dirs = Dirs::new();
+    let listen = free_addr();
+    let lengths = [6u32, 19, 8, 25, 5, 14, 30, 7, 11, 9];
+    let manifest: Vec<_> = lengths
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            (
+                format!("lf{i}"),
+                format!("https://img.example/lf/{i}.png"),
+                format!("{}/media/lf{i}.wav?sim_audio_seconds={s}", sim.url()),
+            )
+        })
+        .collect();
+    write_manifest(&dirs.inbox, "longest.csv", &manifest);
+    let extra = with_poll(&["--probe", "--max-concurrent", "1"]);
+    let mut daemon = spawn_daemon(&dirs, &sim.url(), listen, &extra, 0);
+    let done = wait_results(&dirs, "longest", Duration::from_secs(90)).await;
+    let status = terminate(&mut daemon, Duration::from_secs(25));
+    assert!(done, "log:\n{}", log_text(&dirs, 0));
+    assert!(status.is_some_and(|s| s.success()));
+    let results = check_results_against_sim(&dirs, "longest", &sim.handle);
+    assert_eq!(results.len(), lengths.len());
+    let sent: Vec<u32> = sim
+        .handle
+        .tasks()
+        .iter()
+        .filter_map(|t| t.audio_url.split("sim_audio_seconds=").nth(1))
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let mut longest_first = lengths.to_vec();
+    longest_first.sort_unstable_by(|a, b| b.cmp(a));
+    assert_eq!(sent, longest_first, "tasks in the order they were created");
+    sim.stop().await;
+}

@@ -42,7 +42,7 @@ fn a_layout_1_folder_is_migrated_and_keeps_every_row() {
     let store = Store::open(&state).expect("migrates");
     assert_eq!(
         std::fs::read_to_string(state.join("FORMAT")).expect("format"),
-        "infinitetalk-batch state 2\n"
+        "infinitetalk-batch state 3\n"
     );
     let batches: HashMap<String, _> = store
         .batches()
@@ -93,6 +93,6 @@ fn an_unknown_layout_is_refused_with_what_to_do() {
     let err = Store::open(dir.path()).expect_err("refused");
     assert!(matches!(err, StoreError::Version { .. }), "{err}");
     let text = err.to_string();
-    assert!(text.contains("version 2"), "{text}");
+    assert!(text.contains("version 3"), "{text}");
     assert!(text.contains("--state"), "{text}");
 }

@@ -13,7 +13,9 @@ use rand::{Rng, SeedableRng};
 
 use infinitetalk_batch::manifest::{ManifestRow, ReadPosition};
 use infinitetalk_batch::spec::RowSpec;
-use infinitetalk_batch::store::{Begin, Claim, Op, RowKey, RowRecord, RowState, Store, StoreError};
+use infinitetalk_batch::store::{
+    Admission, AdmittedAudio, Begin, Claim, Op, RowKey, RowRecord, RowState, Store, StoreError,
+};
 
 const THREADS: usize = 4;
 const ROUNDS: usize = 250;
@@ -62,7 +64,48 @@ fn step(store: &Store, seq: u64, rng: &mut StdRng) -> bool {
     let code = |rng: &mut StdRng| {
         ["PROCESSING_TIMEOUT", "CONTENT_VIOLATION"][rng.random_range(0..2)].to_owned()
     };
-    let result: Result<(), StoreError> = match rng.random_range(0..12) {
+    let result: Result<(), StoreError> = match rng.random_range(0..14) {
+        12 => {
+            // Admission (`--probe`): fresh rows let into the queue with
+            // what their audio's probe found.
+            let read = store
+                .batch(seq)
+                .expect("batch")
+                .cursor
+                .map_or(0, |c| c.rows_read);
+            if read >= ROWS {
+                return false;
+            }
+            let n = rng.random_range(1..=3).min(ROWS - read);
+            let admissions: Vec<Admission> = (read + 1..=read + n)
+                .map(|i| Admission {
+                    batch: seq,
+                    row: manifest_row(i),
+                    next: position(i),
+                    audio: match rng.random_range(0..6) {
+                        0 => AdmittedAudio::NotYet,
+                        1 => AdmittedAudio::Bad {
+                            code: "AUDIO_UNSUPPORTED".into(),
+                            msg: "m".into(),
+                        },
+                        _ => AdmittedAudio::Seconds(f64::from(rng.random_range(5..60u32))),
+                    },
+                })
+                .collect();
+            store.admit(&admissions).map(|_| ())
+        }
+        13 => match pick(rng, RowState::Submitting) {
+            Some((key, _)) => store
+                .apply(
+                    key,
+                    Op::Costed {
+                        audio_seconds: f64::from(rng.random_range(5..60u32)),
+                        cost_usd: 0.3,
+                    },
+                )
+                .map(|_| ()),
+            None => Ok(()),
+        },
         0 | 1 => {
             let read = store
                 .batch(seq)
@@ -275,6 +318,45 @@ fn check(
         rows.len() as u64,
         "round {round}"
     );
+    // The index finds every live row under its state, and only there.
+    for state in RowState::ALL {
+        let mut indexed: Vec<u64> = store
+            .rows_in_state(state, usize::MAX)
+            .expect("indexed")
+            .into_iter()
+            .map(|(k, _)| k.row)
+            .collect();
+        indexed.sort_unstable();
+        let live: Vec<u64> = rows
+            .iter()
+            .filter(|(row, r)| {
+                r.state == state
+                    && store
+                        .live_row(RowKey {
+                            batch: seq,
+                            row: *row,
+                        })
+                        .expect("live")
+                        .is_some()
+            })
+            .map(|(row, _)| *row)
+            .collect();
+        assert_eq!(indexed, live, "round {round}: {state:?} rows in the index");
+    }
+    // Queued rows go in submission order: unknown length in row order,
+    // then longest first.
+    let queued = store.queued_rows(seq, usize::MAX).expect("queued");
+    assert_eq!(queued.len() as u64, c.queued, "round {round}");
+    let order: Vec<(bool, std::cmp::Reverse<i64>, u64)> = queued
+        .iter()
+        .map(|(row, r)| {
+            let ms = r.audio_seconds.map_or(0, |s| (s * 1000.0) as i64);
+            (r.audio_seconds.is_some(), std::cmp::Reverse(ms), *row)
+        })
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted, "round {round}: queued rows out of order");
     finals.clear();
     finals.extend(rows.into_iter().filter(|(_, r)| r.state.is_final()));
 }

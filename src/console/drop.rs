@@ -327,7 +327,7 @@ pub(crate) async fn accept(State(c): State<Console>, UrlPath(token): UrlPath<Str
     match outcome {
         Ok(Ok(Outcome::Accepted(batch))) => {
             tracing::info!(file = %name, batch = %batch.name, rows = batch.total_rows, "manifest accepted from the console");
-            c.engine.work.notify_one();
+            c.engine.queue_changed();
             Json(Accepted {
                 batch: Some(batch.name),
                 rows: batch.total_rows,

@@ -18,6 +18,7 @@
 //! Every worker derives its work from the store when it starts, so that the
 //! supervisor can restart it after a panic; channels carry only wake-ups.
 
+pub mod admit;
 pub mod budget;
 pub mod poll;
 pub mod progress;
@@ -63,6 +64,13 @@ pub struct Engine {
     pub pause: watch::Sender<Option<PauseReason>>,
     /// New rows may be queued (a batch accepted, a row requeued).
     pub work: Notify,
+    /// Rows left the queue or a batch can give rows again: the admitter
+    /// (`--probe`) may let more in.
+    pub admit: Notify,
+    /// Rows admitted whose audio could not be read: the submitter keeps
+    /// them out of its claims until their time (it takes them up at its
+    /// next fill).
+    probe_holds: Mutex<Vec<(RowKey, std::time::Instant)>>,
     /// Rows ended: the retirer may move them to the archive.
     pub ended: Notify,
     pub poller: mpsc::UnboundedSender<PollCmd>,
@@ -147,6 +155,8 @@ impl Engine {
             metrics,
             pause: watch::channel(None).0,
             work: Notify::new(),
+            admit: Notify::new(),
+            probe_holds: Mutex::new(Vec::new()),
             ended: Notify::new(),
             poller: poll_tx,
             downloads: dl_tx,
@@ -193,6 +203,27 @@ impl Engine {
             }
             Err(_) => seq.to_string(),
         }
+    }
+
+    /// Rows may be queued (a batch accepted, resumed or retried): the
+    /// submitter and the admitter look again.
+    pub fn queue_changed(&self) {
+        self.work.notify_one();
+        self.admit.notify_one();
+    }
+
+    /// Keeps admitted row `key` out of claims for `wait`.
+    fn hold_probe(&self, key: RowKey, wait: Duration) {
+        let until = std::time::Instant::now() + wait;
+        self.probe_holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push((key, until));
+    }
+
+    /// The holds added since the last call.
+    fn take_probe_holds(&self) -> Vec<(RowKey, std::time::Instant)> {
+        std::mem::take(&mut *self.probe_holds.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The row whose task this is, if the task is being followed.

@@ -27,12 +27,21 @@ const PROBE_ATTEMPTS: u32 = 3;
 /// rounds the row waits in the queue, longer each time (1 s doubling to
 /// 30 s, about a minute in all), without holding a slot: an audio host that
 /// is down for a minute costs nothing, one that stays down ends the batch.
-const PROBE_ROUNDS: u32 = 7;
+pub(super) const PROBE_ROUNDS: u32 = 7;
 
 /// How long a row waits in the queue after a failed round, with `earlier`
 /// failed rounds before it.
-fn probe_wait(earlier: u32) -> Duration {
+pub(super) fn probe_wait(earlier: u32) -> Duration {
     backoff(earlier, Duration::from_secs(1), Duration::from_secs(30))
+}
+
+/// The message of a row failed because its audio's length could not be read.
+pub(super) fn probe_failure_msg(e: &ProbeError) -> String {
+    if e.is_transient() {
+        format!("audio_url: {e} (after {PROBE_ROUNDS} rounds of {PROBE_ATTEMPTS} tries)")
+    } else {
+        format!("audio_url: {e}")
+    }
 }
 
 /// What is to become of one claimed row.
@@ -53,6 +62,20 @@ pub(super) fn counted_cost(engine: &Engine, record: &RowRecord) -> f64 {
             .resolution_or(&engine.settings.defaults)
             .cost_usd(0.0)
     })
+}
+
+/// The length of a row's audio (`--probe`): a local file's was read when
+/// the manifest was accepted; a URL's is probed, with retries.
+pub(super) async fn audio_length(
+    engine: &Engine,
+    key: RowKey,
+    spec: &RowSpec,
+) -> Result<f64, ProbeError> {
+    if crate::media::is_local(&spec.audio_url) {
+        engine.media.recorded_seconds(key).await
+    } else {
+        probe_row(engine, &spec.audio_url).await
+    }
 }
 
 async fn probe_row(engine: &Engine, url: &str) -> Result<f64, ProbeError> {
@@ -105,7 +128,7 @@ pub(super) async fn plan(
             let mut specs = std::collections::HashMap::new();
             for key in again {
                 if let Some(r) = s.live_row(key)? {
-                    specs.insert(key, (r.spec, r.probe_deferrals));
+                    specs.insert(key, (r.spec, r.probe_deferrals, r.audio_seconds));
                 }
             }
             Ok((specs, s.spend()?.usd))
@@ -118,15 +141,20 @@ pub(super) async fn plan(
             (std::collections::HashMap::new(), 0.0)
         }
     };
-    let (specs, deferrals): (Vec<Option<RowSpec>>, Vec<u32>) = group
-        .iter()
-        .map(|(_, c)| match c {
-            Claim::Fresh { row, .. } => (Some(row.spec.clone()), 0),
+    let mut specs = Vec::with_capacity(group.len());
+    let mut deferrals = Vec::with_capacity(group.len());
+    let mut known = Vec::with_capacity(group.len());
+    for (_, claim) in &group {
+        let (spec, d, seconds) = match claim {
+            Claim::Fresh { row, .. } => (Some(row.spec.clone()), 0, None),
             Claim::Again(key) => again_specs
                 .remove(key)
-                .map_or((None, 0), |(spec, d)| (Some(spec), d)),
-        })
-        .unzip();
+                .map_or((None, 0, None), |(spec, d, s)| (Some(spec), d, s)),
+        };
+        specs.push(spec);
+        deferrals.push(d);
+        known.push(seconds);
+    }
     let keys: Vec<RowKey> = group
         .iter()
         .map(|(_, c)| match c {
@@ -137,21 +165,18 @@ pub(super) async fn plan(
             Claim::Again(key) => *key,
         })
         .collect();
-    let probes: Vec<Option<Result<f64, ProbeError>>> = if engine.settings.probe {
-        futures_util::future::join_all(specs.iter().zip(&keys).map(|(spec, key)| async move {
-            match spec {
-                // A local file's length was read when the manifest was accepted.
-                Some(spec) if crate::media::is_local(&spec.audio_url) => {
-                    Some(engine.media.recorded_seconds(*key).await)
-                }
-                Some(spec) => Some(probe_row(engine, &spec.audio_url).await),
-                None => None,
+    let probe = engine.settings.probe;
+    let lengths = specs.iter().zip(&keys).zip(&known);
+    let probes: Vec<Option<Result<f64, ProbeError>>> =
+        futures_util::future::join_all(lengths.map(|((spec, key), known)| async move {
+            match (known, spec) {
+                // Read when the row was admitted (or sent before).
+                (Some(seconds), _) => Some(Ok(*seconds)),
+                (None, Some(spec)) if probe => Some(audio_length(engine, *key, spec).await),
+                _ => None,
             }
         }))
-        .await
-    } else {
-        specs.iter().map(|_| None).collect()
-    };
+        .await;
     let cap = *engine.spend_cap.borrow();
     let mut spent = spent_before;
     let mut kept = Vec::with_capacity(group.len());
@@ -249,13 +274,7 @@ pub(super) fn apply(
                 send.push((slot, key, record));
             }
             Outcome::Fail(e) => {
-                let msg = if e.is_transient() {
-                    format!(
-                        "audio_url: {e} (after {PROBE_ROUNDS} rounds of {PROBE_ATTEMPTS} tries)"
-                    )
-                } else {
-                    format!("audio_url: {e}")
-                };
+                let msg = probe_failure_msg(&e);
                 tracing::warn!(batch = %engine.batch_name(key.batch), row = %record.id, code = e.fail_code(), msg, "row failed");
                 let op = Op::SubmitFailed {
                     code: e.fail_code().to_owned(),

@@ -40,9 +40,9 @@ pub struct Submitter {
 impl Submitter {
     pub fn new(engine: Arc<Engine>, beat: Beat) -> Submitter {
         Submitter {
+            feed: Feed::new(engine.settings.probe),
             engine,
             beat,
-            feed: Feed::default(),
             failures: 0,
             download_wait: false,
         }
@@ -193,6 +193,8 @@ impl Submitter {
                 Ok(Ok(send)) => {
                     // They go now, after the flush: count them from now.
                     engine.budget.restamp_since(counted);
+                    // They left the queue: there is room for more.
+                    engine.admit.notify_one();
                     send
                 }
                 Ok(Err(e)) => {
@@ -226,7 +228,10 @@ impl Submitter {
     /// Reads ahead up to a group of rows, on a blocking thread (sled and the
     /// manifests are read there).
     async fn fill(&mut self) -> Result<usize, FeedError> {
-        let mut feed = std::mem::take(&mut self.feed);
+        // A panic below loses what was read ahead, never the mode.
+        let fresh = Feed::new(self.engine.settings.probe);
+        let mut feed = std::mem::replace(&mut self.feed, fresh);
+        feed.not_before.extend(self.engine.take_probe_holds());
         let engine = self.engine.clone();
         let (feed, filled) = tokio::task::spawn_blocking(move || {
             let filled = feed.fill(&engine.store, &engine.folders, CLAIM_GROUP);
@@ -239,11 +244,19 @@ impl Submitter {
     }
 }
 
+/// Queued rows read from the store per batch at a time (beyond those the
+/// feed holds already).
+const QUEUED_READ: usize = 64;
+
 /// Rows read ahead from the store and the manifests, not yet claimed.
 #[derive(Default)]
 pub(super) struct Feed {
     pending: VecDeque<Claim>,
     readers: HashMap<BatchSeq, RowReader>,
+    /// Queued rows read from the store, per batch, in the order they are to
+    /// go ([`Store::queued_rows`]), not yet pending.
+    queued: HashMap<BatchSeq, VecDeque<RowKey>>,
+    /// Every queued row the feed holds, in `queued` or `pending`.
     queued_keys: HashSet<RowKey>,
     /// Rows of the active batches waiting for their files, at the last fill.
     downloading: u64,
@@ -255,9 +268,19 @@ pub(super) struct Feed {
     /// audio could not be read). At most one entry a queued row; an entry
     /// goes when its time has come.
     not_before: HashMap<RowKey, Instant>,
+    /// Fresh rows enter the queue through the admitter (`--probe`): the
+    /// feed takes queued rows only.
+    admitted: bool,
 }
 
 impl Feed {
+    pub(super) fn new(admitted: bool) -> Feed {
+        Feed {
+            admitted,
+            ..Feed::default()
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
@@ -285,29 +308,33 @@ impl Feed {
         self.not_before.insert(key, Instant::now() + wait);
     }
 
-    /// Forgets read-ahead rows (after an error the cursors in the store are the truth).
+    /// Forgets read-ahead rows (after an error the store is the truth).
     fn reset(&mut self) {
         self.pending.clear();
         self.readers.clear();
+        self.queued.clear();
         self.queued_keys.clear();
     }
 
-    /// Reads ahead up to `want` rows; returns how many are pending. Rows
-    /// queued again come first (they have waited longest); then the active
-    /// batches share the rest in rounds, each taking up to its priority's
-    /// weight of rows a round, starting one batch further on each time, so
-    /// a small batch dropped behind a large one starts at once.
+    /// Reads ahead up to `want` rows; returns how many are pending. The
+    /// active batches share them in rounds, each taking up to its
+    /// priority's weight of rows a round, starting one batch further on
+    /// each time, so a small batch dropped behind a large one starts at
+    /// once. A batch gives its queued rows first (in the store's order:
+    /// rows queued again without a known length, then the longest), then
+    /// rows read from its manifest (without `--probe`).
     fn fill(&mut self, store: &Store, folders: &Folders, want: usize) -> Result<usize, FeedError> {
         let active = store.active_batches()?;
         self.downloading = active.iter().map(|b| b.counts.downloading).sum();
+        let admitted = self.admitted;
         let can_give = |b: &BatchRecord| {
-            b.phase == BatchPhase::Active && b.unclaimed() > 0 && !b.cancelled && !b.paused
+            b.phase == BatchPhase::Active
+                && !b.cancelled
+                && !b.paused
+                && (b.counts.queued > 0 || (!admitted && b.unclaimed() > 0))
         };
-        let now_eligible: Vec<BatchSeq> = active
-            .iter()
-            .filter(|b| can_give(b))
-            .map(|b| b.seq)
-            .collect();
+        let eligible: Vec<&BatchRecord> = active.iter().filter(|b| can_give(b)).collect();
+        let now_eligible: Vec<BatchSeq> = eligible.iter().map(|b| b.seq).collect();
         if now_eligible.iter().any(|s| !self.eligible.contains(s)) {
             // A batch just became active: rows read ahead would make it wait
             // behind them. Nothing read ahead is claimed yet, so it can be
@@ -320,34 +347,19 @@ impl Feed {
         }
         let now = Instant::now();
         self.not_before.retain(|_, until| *until > now);
-        // Batch by batch, skipping paused and cancelled ones whole, so that
-        // their queued rows (or rows waiting out a probe) never fill the
-        // window in which another batch's rows would be found.
-        let open = active
-            .iter()
-            .filter(|b| !b.paused && !b.cancelled && b.counts.queued > 0);
-        for batch in open {
-            let room = want.saturating_sub(self.pending.len());
-            if room == 0 {
-                break;
-            }
-            let skip = self.queued_keys.len() + self.not_before.len();
-            for (row, _) in store.queued_rows(batch.seq, room + skip)? {
-                let key = RowKey {
-                    batch: batch.seq,
-                    row,
-                };
-                if self.pending.len() >= want {
-                    break;
-                }
-                if !self.not_before.contains_key(&key) && self.queued_keys.insert(key) {
-                    self.pending.push_back(Claim::Again(key));
-                }
-            }
-        }
-        let eligible: Vec<_> = active.iter().filter(|b| can_give(b)).collect();
         self.readers
             .retain(|seq, _| eligible.iter().any(|b| b.seq == *seq));
+        let gone: Vec<BatchSeq> = self
+            .queued
+            .keys()
+            .filter(|seq| !eligible.iter().any(|b| b.seq == **seq))
+            .copied()
+            .collect();
+        for seq in gone {
+            for key in self.queued.remove(&seq).unwrap_or_default() {
+                self.queued_keys.remove(&key);
+            }
+        }
         if eligible.is_empty() {
             return Ok(self.pending.len());
         }
@@ -361,26 +373,16 @@ impl Feed {
             (std::cmp::Reverse(eligible[i].priority.weight()), rotated)
         });
         let mut exhausted = vec![false; eligible.len()];
+        // Batches whose queued rows in the store are all held already.
+        let mut drained = vec![false; eligible.len()];
         while self.pending.len() < want && exhausted.iter().any(|e| !e) {
             for &i in &order {
                 if exhausted[i] || self.pending.len() >= want {
                     continue;
                 }
-                let batch = eligible[i];
-                let reader = match self.readers.entry(batch.seq) {
-                    std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        let path = folders.manifest_of(&batch.name);
-                        v.insert(RowReader::open(&path, batch.cursor)?)
-                    }
-                };
-                for _ in 0..batch.priority.weight() {
-                    match reader.next_row()? {
-                        Some((row, next)) => self.pending.push_back(Claim::Fresh {
-                            batch: batch.seq,
-                            row,
-                            next,
-                        }),
+                for _ in 0..eligible[i].priority.weight() {
+                    match self.next_of(eligible[i], &mut drained[i], store, folders)? {
+                        Some(claim) => self.pending.push_back(claim),
                         None => {
                             exhausted[i] = true;
                             break;
@@ -390,6 +392,51 @@ impl Feed {
             }
         }
         Ok(self.pending.len())
+    }
+
+    /// The next row batch `b` gives: a queued one, else (without the
+    /// admitter) the next one of its manifest.
+    fn next_of(
+        &mut self,
+        b: &BatchRecord,
+        drained: &mut bool,
+        store: &Store,
+        folders: &Folders,
+    ) -> Result<Option<Claim>, FeedError> {
+        if !*drained
+            && b.counts.queued > 0
+            && self.queued.get(&b.seq).is_none_or(VecDeque::is_empty)
+        {
+            // Rows the feed holds or that wait out a probe are skipped.
+            let skip = self.queued_keys.len() + self.not_before.len();
+            let mut found = 0;
+            for (row, _) in store.queued_rows(b.seq, QUEUED_READ + skip)? {
+                let key = RowKey { batch: b.seq, row };
+                if !self.not_before.contains_key(&key) && self.queued_keys.insert(key) {
+                    self.queued.entry(b.seq).or_default().push_back(key);
+                    found += 1;
+                }
+            }
+            *drained = found == 0;
+        }
+        if let Some(key) = self.queued.get_mut(&b.seq).and_then(VecDeque::pop_front) {
+            return Ok(Some(Claim::Again(key)));
+        }
+        if self.admitted {
+            return Ok(None);
+        }
+        let reader = match self.readers.entry(b.seq) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let path = folders.manifest_of(&b.name);
+                v.insert(RowReader::open(&path, b.cursor)?)
+            }
+        };
+        Ok(reader.next_row()?.map(|(row, next)| Claim::Fresh {
+            batch: b.seq,
+            row,
+            next,
+        }))
     }
 }
 

@@ -70,6 +70,11 @@ impl RowReader {
         })
     }
 
+    /// Data rows read so far (the index of the last one).
+    pub fn rows_read(&self) -> u64 {
+        self.rows_read
+    }
+
     /// The names of the extra columns, in header order, as written.
     pub fn extra_columns(&self) -> &[String] {
         &self.columns.extra_names

@@ -11,6 +11,11 @@
 //!  queued ──cancel──▶ failed;   failed ──retry──▶ queued (a deliberate retry, each a new paid task)
 //! ```
 //!
+//! With `--probe` a fresh row is not claimed but *admitted*
+//! ([`super::Store::admit`]), with no slot: `(unclaimed) ──admit──▶ queued`
+//! with its audio's length (or to be probed again), or `──admit──▶ failed`
+//! when its audio is bad; it is then claimed from `queued`, longest first.
+//!
 //! `deferred` is `probe_deferred`: the audio's length could not be read yet.
 //! In a cancelled batch a row never goes back to `queued`: [`super::Store::apply`]
 //! follows any operation that would queue it with `cancel`, in the same
@@ -23,8 +28,9 @@
 
 use super::{RowKey, RowRecord, RowState, StoreError};
 
-/// One legal change of a row. `claim` is [`super::Store::claim`]'s alone (a
-/// fresh row has no record to change yet).
+/// One legal change of a row. `claim` and `admit` are
+/// [`super::Store::claim`]'s and [`super::Store::admit`]'s alone (a fresh
+/// row has no record to change yet).
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     /// The probed length and cost of a row about to be sent.
@@ -249,6 +255,9 @@ impl Op {
                 r.cost_time_ms = None;
                 r.result_urls.clear();
                 r.outputs.clear();
+                // The audio may have been replaced: it is read again.
+                r.audio_seconds = None;
+                r.cost_usd = None;
                 r.fail_code = None;
                 r.fail_msg = None;
             }

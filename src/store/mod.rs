@@ -24,6 +24,7 @@
 //! Only `store/sled.rs` knows the database engine.
 
 mod archive;
+mod index_key;
 pub mod machine;
 mod sled;
 mod view;
@@ -46,9 +47,11 @@ pub const CANCELLED: &str = "CANCELLED";
 /// The message of a row ended by a cancel.
 pub const CANCEL_MSG: &str = "cancelled by the operator before submission";
 
-/// Version of the on-disk layout this build reads and writes. Layout 1
-/// (every row ever claimed kept in the database) is migrated at open.
-pub const SCHEMA_VERSION: u32 = 2;
+/// Version of the on-disk layout this build reads and writes. Older layouts
+/// are migrated at open: layout 1 kept every row ever claimed in the
+/// database; layout 2 indexed every queued row in row order (layout 3 puts
+/// those of known length longest first).
+pub const SCHEMA_VERSION: u32 = 3;
 
 /// Batches are numbered in order of acceptance.
 pub type BatchSeq = u64;
@@ -58,6 +61,12 @@ pub type BatchSeq = u64;
 pub struct RowKey {
     pub batch: BatchSeq,
     pub row: u64,
+}
+
+impl RowKey {
+    pub const fn at(batch: BatchSeq, row: u64) -> RowKey {
+        RowKey { batch, row }
+    }
 }
 
 impl std::fmt::Display for RowKey {
@@ -383,6 +392,28 @@ pub enum Claim {
     },
     /// A row queued again.
     Again(RowKey),
+}
+
+/// The next unclaimed row of a batch let into the queue without a slot,
+/// with what was learned of its audio (`--probe`): see [`Store::admit`].
+#[derive(Debug, Clone)]
+pub struct Admission {
+    pub batch: BatchSeq,
+    pub row: crate::manifest::ManifestRow,
+    pub next: ReadPosition,
+    pub audio: AdmittedAudio,
+}
+
+/// What the probe of an admitted row's audio found.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AdmittedAudio {
+    /// Its length: the row waits `queued`, in the longest-first order.
+    Seconds(f64),
+    /// It could not be read now: the row waits `queued`, one round of
+    /// probing counted (see [`machine::Op::ProbeDeferred`]).
+    NotYet,
+    /// It is bad for good: the row ends `failed`, never sent.
+    Bad { code: String, msg: String },
 }
 
 /// What `begin_batch` decided.

@@ -14,10 +14,12 @@ use sled::Transactional;
 use sled::transaction::{ConflictableTransactionError, TransactionError, TransactionalTree};
 
 use super::archive::Archive;
+use super::index_key::{self, IndexKey};
 use super::machine::Op;
 use super::{
-    AmbiguousTotals, BatchPhase, BatchRecord, BatchSeq, Begin, Claim, Counts, DurationSample,
-    LedgerEntry, RowKey, RowRecord, RowState, SCHEMA_VERSION, SpendTotals, StoreError, now_ms,
+    Admission, AdmittedAudio, AmbiguousTotals, BatchPhase, BatchRecord, BatchSeq, Begin, Claim,
+    Counts, DurationSample, LedgerEntry, RowKey, RowRecord, RowState, SCHEMA_VERSION, SpendTotals,
+    StoreError, now_ms,
 };
 use crate::manifest::{ManifestRow, ReadPosition};
 
@@ -99,13 +101,6 @@ fn parse_row_key(bytes: &[u8]) -> Result<RowKey, StoreError> {
     })
 }
 
-fn index_key(state: RowState, key: RowKey) -> [u8; 17] {
-    let mut k = [0u8; 17];
-    k[0] = state.tag();
-    k[1..].copy_from_slice(&row_key(key));
-    k
-}
-
 fn encode<T: serde::Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
     serde_json::to_vec(value).map_err(StoreError::Encode)
 }
@@ -149,13 +144,13 @@ fn tx_put_row(
     rows: &TransactionalTree,
     index: &TransactionalTree,
     key: RowKey,
-    old: Option<RowState>,
+    old: Option<IndexKey>,
     record: &RowRecord,
 ) -> TxResult<()> {
     if let Some(old) = old {
-        index.remove(&index_key(old, key))?;
+        index.remove(old.as_ref())?;
     }
-    index.insert(&index_key(record.state, key), &[])?;
+    index.insert(index_key::of(key, record).as_ref(), &[])?;
     rows.insert(&row_key(key), encode(record).map_err(abort)?)?;
     Ok(())
 }
@@ -176,6 +171,7 @@ impl Store {
         match std::fs::read_to_string(&format_path) {
             Ok(found) if found == format_line(SCHEMA_VERSION) => {}
             Ok(found) if found == format_line(1) => migrate_from = Some(1),
+            Ok(found) if found == format_line(2) => migrate_from = Some(2),
             Ok(found) => {
                 return Err(StoreError::Version {
                     path: dir.to_owned(),
@@ -253,9 +249,31 @@ impl Store {
         Ok(store)
     }
 
-    /// Layout 1 kept every ended row in the database: move them out.
+    /// Brings a folder of an older layout up to date: layout 1 kept every
+    /// ended row in the database (they move to the archive); layouts 1 and 2
+    /// indexed queued rows of known length in row order (they move to the
+    /// longest-first order).
     fn migrate(&self, from: u32) -> Result<(), StoreError> {
-        let moved = self.retire(usize::MAX)?;
+        let moved = if from < 2 {
+            self.retire(usize::MAX)?
+        } else {
+            0
+        };
+        let mut reindexed = 0;
+        for item in self.index.scan_prefix([RowState::Queued.tag()]) {
+            let (k, _) = item.map_err(db_err)?;
+            let key = index_key::parse(&k)?;
+            if let Some(record) = self.live_row(key)?
+                && record.state == RowState::Queued
+                && record.audio_seconds.is_some()
+            {
+                self.index.remove(&k).map_err(db_err)?;
+                self.index
+                    .insert(index_key::of(key, &record).as_ref(), &[])
+                    .map_err(db_err)?;
+                reindexed += 1;
+            }
+        }
         self.meta
             .insert(KEY_SCHEMA, encode(&SCHEMA_VERSION)?)
             .map_err(db_err)?;
@@ -264,6 +282,7 @@ impl Store {
             from,
             to = SCHEMA_VERSION,
             rows_archived = moved,
+            queued_rows_reordered = reindexed,
             "state folder migrated"
         );
         Ok(())
@@ -515,24 +534,7 @@ impl Store {
                                 row: row.index,
                             };
                             let b = batch_in(&mut touched, batches, *batch)?;
-                            let read = b.cursor.map_or(0, |c| c.rows_read);
-                            let refused = if b.cancelled {
-                                Some("in a cancelled batch")
-                            } else if b.paused {
-                                Some("in a paused batch")
-                            } else if b.phase != BatchPhase::Active || row.index <= read {
-                                Some("claimed before")
-                            } else {
-                                None
-                            };
-                            if let Some(found) = refused {
-                                return Err(abort(StoreError::WrongState {
-                                    key,
-                                    found,
-                                    action: "claim",
-                                }));
-                            }
-                            b.cursor = Some(*next);
+                            take_fresh(b, key, *next, "claim")?;
                             let mut record =
                                 RowRecord::new(row.id.clone(), row.line, row.spec.clone());
                             record.state = RowState::Submitting;
@@ -563,14 +565,52 @@ impl Store {
                                     action: "claim",
                                 }));
                             }
+                            let old = index_key::of(*key, &record);
                             record.state = RowState::Submitting;
-                            (*key, Some(RowState::Queued), record)
+                            (*key, Some((RowState::Queued, old)), record)
                         }
                     };
                     batch_in(&mut touched, batches, key.batch)?
                         .counts
-                        .moved(old, RowState::Submitting);
-                    tx_put_row(rows, index, key, old, &record)?;
+                        .moved(old.map(|(state, _)| state), RowState::Submitting);
+                    tx_put_row(rows, index, key, old.map(|(_, k)| k), &record)?;
+                    out.push((key, record));
+                }
+                for b in &touched {
+                    tx_put_batch(batches, b)?;
+                }
+                Ok(out)
+            });
+        result.map_err(tx_err)
+    }
+
+    /// Lets fresh rows into the queue without a slot, in one transaction:
+    /// each gets its record (`queued` with its audio's length, `queued` to
+    /// be probed again, or `failed` when its audio is bad) and moves its
+    /// batch's cursor. Refused like a fresh claim. Nothing is sent, so
+    /// nothing needs a flush: rows lost in a crash are read again.
+    pub fn admit(&self, rows: &[Admission]) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+        let result =
+            (&self.batches, &self.rows, &self.index).transaction(|(batches, rows_tree, index)| {
+                let mut out = Vec::with_capacity(rows.len());
+                let mut touched: Vec<BatchRecord> = Vec::new();
+                for a in rows {
+                    let key = RowKey::at(a.batch, a.row.index);
+                    let b = batch_in(&mut touched, batches, a.batch)?;
+                    take_fresh(b, key, a.next, "admit")?;
+                    let mut record =
+                        RowRecord::new(a.row.id.clone(), a.row.line, a.row.spec.clone());
+                    match &a.audio {
+                        AdmittedAudio::Seconds(s) => record.audio_seconds = Some(*s),
+                        AdmittedAudio::NotYet => record.probe_deferrals = 1,
+                        AdmittedAudio::Bad { code, msg } => {
+                            record.state = RowState::Failed;
+                            record.fail_code = Some(code.clone());
+                            record.fail_msg = Some(msg.clone());
+                        }
+                    }
+                    b.counts.moved(None, record.state);
+                    tx_put_row(rows_tree, index, key, None, &record)?;
                     out.push((key, record));
                 }
                 for b in &touched {
@@ -589,6 +629,7 @@ impl Store {
             (&self.batches, &self.rows, &self.index).transaction(|(batches, rows, index)| {
                 let mut record = tx_row(rows, key)?.ok_or_else(|| abort(StoreError::NoRow(key)))?;
                 let old = record.state;
+                let old_entry = index_key::of(key, &record);
                 op.clone().apply(key, &mut record).map_err(abort)?;
                 if old != record.state {
                     let mut batch = tx_batch(batches, key.batch)?;
@@ -604,7 +645,7 @@ impl Store {
                     batch.counts.moved(Some(old), record.state);
                     tx_put_batch(batches, &batch)?;
                 }
-                tx_put_row(rows, index, key, Some(old), &record)?;
+                tx_put_row(rows, index, key, Some(old_entry), &record)?;
                 Ok(record)
             });
         result.map_err(tx_err)
@@ -625,24 +666,43 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
         let mut out = Vec::new();
-        for item in self.index.scan_prefix([state.tag()]) {
-            if out.len() >= limit {
-                break;
-            }
-            if let Some(found) = self.indexed_row(item, state)? {
-                out.push(found);
+        let mut tags = vec![state.tag()];
+        if state == RowState::Queued {
+            tags.push(index_key::LONGEST_FIRST);
+        }
+        for tag in tags {
+            for item in self.index.scan_prefix([tag]) {
+                if out.len() >= limit {
+                    break;
+                }
+                if let Some(found) = self.indexed_row(item, state)? {
+                    out.push(found);
+                }
             }
         }
         Ok(out)
     }
 
-    /// The first `limit` queued rows of batch `seq`, in row order.
+    /// The first `limit` queued rows of batch `seq` in the order they are
+    /// to be submitted: those of unknown length in row order (rows queued
+    /// again without a probed length have waited longest), then the rest
+    /// longest first.
     pub fn queued_rows(
         &self,
         seq: BatchSeq,
         limit: usize,
     ) -> Result<Vec<(u64, RowRecord)>, StoreError> {
-        self.live_after(seq, Some(RowState::Queued), 0, limit)
+        let mut out = self.indexed_after(seq, RowState::Queued, 0, limit)?;
+        let (low, high) = index_key::longest_first_range(seq);
+        for item in self.index.range(low.as_ref()..=high.as_ref()) {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some((key, record)) = self.indexed_row(item, RowState::Queued)? {
+                out.push((key.row, record));
+            }
+        }
+        Ok(out)
     }
 
     /// Live rows of batch `seq` after row `after` (in `state` when given), in
@@ -654,37 +714,48 @@ impl Store {
         after: u64,
         limit: usize,
     ) -> Result<Vec<(u64, RowRecord)>, StoreError> {
-        let from = RowKey {
-            batch: seq,
-            row: after.saturating_add(1),
-        };
-        let to = RowKey {
-            batch: seq,
-            row: u64::MAX,
-        };
-        let mut out = Vec::new();
         match state {
-            None => {
-                for item in self.rows.range(row_key(from)..=row_key(to)) {
+            // Queued rows of known length are not in row order in the
+            // index; a batch's live rows are few (its tasks in flight and
+            // its admitted rows), so they are read and picked.
+            None | Some(RowState::Queued) => {
+                let from = row_key(RowKey::at(seq, after.saturating_add(1)));
+                let to = row_key(RowKey::at(seq, u64::MAX));
+                let mut out = Vec::new();
+                for item in self.rows.range(from..=to) {
                     if out.len() >= limit {
                         break;
                     }
                     let (k, v) = item.map_err(db_err)?;
-                    out.push((parse_row_key(&k)?.row, decode("row", &v)?));
+                    let record: RowRecord = decode("row", &v)?;
+                    if state.is_none_or(|s| s == record.state) {
+                        out.push((parse_row_key(&k)?.row, record));
+                    }
                 }
+                Ok(out)
             }
-            Some(state) => {
-                for item in self
-                    .index
-                    .range(index_key(state, from)..=index_key(state, to))
-                {
-                    if out.len() >= limit {
-                        break;
-                    }
-                    if let Some((key, record)) = self.indexed_row(item, state)? {
-                        out.push((key.row, record));
-                    }
-                }
+            Some(state) => self.indexed_after(seq, state, after, limit),
+        }
+    }
+
+    /// Rows of batch `seq` after row `after` indexed under `state` (for
+    /// `Queued`: those of unknown length), in row order, at most `limit`.
+    fn indexed_after(
+        &self,
+        seq: BatchSeq,
+        state: RowState,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, RowRecord)>, StoreError> {
+        let from = index_key::by_state(state, RowKey::at(seq, after.saturating_add(1)));
+        let to = index_key::by_state(state, RowKey::at(seq, u64::MAX));
+        let mut out = Vec::new();
+        for item in self.index.range(from.as_ref()..=to.as_ref()) {
+            if out.len() >= limit {
+                break;
+            }
+            if let Some((key, record)) = self.indexed_row(item, state)? {
+                out.push((key.row, record));
             }
         }
         Ok(out)
@@ -699,7 +770,7 @@ impl Store {
         state: RowState,
     ) -> Result<Option<(RowKey, RowRecord)>, StoreError> {
         let (k, _) = item.map_err(db_err)?;
-        let key = parse_row_key(k.get(1..).unwrap_or_default())?;
+        let key = index_key::parse(&k)?;
         Ok(self
             .live_row(key)?
             .filter(|r| r.state == state)
@@ -779,7 +850,7 @@ impl Store {
                     && record.state.is_final()
                 {
                     rows.remove(&row_key(*key))?;
-                    index.remove(&index_key(record.state, *key))?;
+                    index.remove(index_key::of(*key, &record).as_ref())?;
                 }
             }
             Ok(())
@@ -1080,6 +1151,32 @@ impl Store {
             .map(|_| ())
             .map_err(db_err)
     }
+}
+
+/// Moves batch `b`'s cursor past fresh row `key`, or refuses: a fresh row
+/// of a cancelled or paused batch, or one at or behind the cursor (taken
+/// before), is not taken.
+fn take_fresh(
+    b: &mut BatchRecord,
+    key: RowKey,
+    next: ReadPosition,
+    action: &'static str,
+) -> TxResult<()> {
+    let read = b.cursor.map_or(0, |c| c.rows_read);
+    let refused = if b.cancelled {
+        Some("in a cancelled batch")
+    } else if b.paused {
+        Some("in a paused batch")
+    } else if b.phase != BatchPhase::Active || key.row <= read {
+        Some("claimed before")
+    } else {
+        None
+    };
+    if let Some(found) = refused {
+        return Err(abort(StoreError::WrongState { key, found, action }));
+    }
+    b.cursor = Some(next);
+    Ok(())
 }
 
 fn batch_in<'a>(
