@@ -7,11 +7,12 @@
 //! tail (its last tasks ending one by one while slots idle) is made of short
 //! ones.
 //!
-//! The window is a few rows per slot of each batch's share (at least
+//! The window is a few rows per slot of each batch's share of the slots
+//! (by priority weight, as in the submitter's rounds; at least
 //! [`MIN_WINDOW`], at most [`MAX_WINDOW`] rows), so the rows waiting in the
-//! database stay bounded by the slots, not the batch. A row whose audio cannot be read is
-//! admitted to be probed again later (one round counted); one whose audio is
-//! bad ends `failed`, never sent.
+//! database stay bounded by the slots, not the batch. A row whose audio
+//! cannot be read is admitted to be probed again later (one round counted);
+//! one whose audio is bad ends `failed`, never sent.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -37,10 +38,12 @@ const MIN_WINDOW: u64 = 64;
 /// Most rows a batch may have waiting in the queue.
 const MAX_WINDOW: u64 = 4096;
 
-/// How many queued rows each of `batches` batches may have, sharing
-/// `slots` slots.
-pub fn window(slots: u32, batches: usize) -> u64 {
-    let share = u64::from(slots) * WINDOW_PER_SLOT / (batches.max(1) as u64);
+/// How many queued rows a batch of priority weight `weight` may have, of
+/// `weights` (the sum over the batches that share `slots` slots): its share
+/// of the slots follows its weight, as in the submitter's rounds.
+pub fn window(slots: u32, weight: usize, weights: usize) -> u64 {
+    let per_slot = u64::from(slots) * WINDOW_PER_SLOT;
+    let share = per_slot * weight as u64 / weights.max(1) as u64;
     share.clamp(MIN_WINDOW, MAX_WINDOW)
 }
 
@@ -86,15 +89,6 @@ impl Admitter {
                     }
                 }
                 Ok(_) => self.failures = 0,
-                Err(AdmitError::Store(StoreError::WrongState { key, found, .. })) => {
-                    // A batch paused or cancelled between the read and the
-                    // admission: nothing was admitted; read it again.
-                    self.readers.clear();
-                    tracing::debug!(%key, found, "admission refused; reading again");
-                    if !sleep_or_stop(&engine, Duration::from_millis(100)).await {
-                        break;
-                    }
-                }
                 Err(e) => {
                     self.readers.clear();
                     self.failures += 1;
@@ -144,39 +138,46 @@ impl Admitter {
         let Some(admissions) = self.beat.wait(&engine.shutdown, probed).await else {
             return Ok(0);
         };
-        let n = admissions.len();
-        // Held before they are in the queue, so that no claim comes first.
-        let wait = spend::probe_wait(0);
-        for a in admissions
-            .iter()
-            .filter(|a| a.audio == AdmittedAudio::NotYet)
-        {
-            engine.hold_probe(RowKey::at(a.batch, a.row.index), wait);
-        }
-        let e2 = engine.clone();
-        let admitted = engine.store.call(move |s| s.admit(&admissions)).await;
-        let admitted = match admitted {
-            Ok(admitted) => admitted,
-            Err(e) => {
-                // The cursors in the store are the truth: read again.
-                self.readers.clear();
-                return Err(e.into());
+        let mut n = 0;
+        // One transaction a batch: a batch paused or cancelled meanwhile
+        // refuses its own rows, not the others'.
+        for rows in admissions.chunk_by(|a, b| a.batch == b.batch) {
+            let seq = rows[0].batch;
+            // Held before they are in the queue, so that no claim comes first.
+            let wait = spend::probe_wait(0);
+            for a in rows.iter().filter(|a| a.audio == AdmittedAudio::NotYet) {
+                engine.hold_probe(RowKey::at(a.batch, a.row.index), wait);
             }
-        };
-        for (key, record) in &admitted {
-            let batch = e2.batch_name(key.batch);
-            match (&record.state, record.audio_seconds) {
-                (RowState::Failed, _) => {
-                    let code = record.fail_code.as_deref().unwrap_or_default();
-                    let msg = record.fail_msg.as_deref().unwrap_or_default();
-                    tracing::warn!(batch = %batch, row = %record.id, code, msg, "row failed");
+            let rows = rows.to_vec();
+            let admitted = match engine.store.call(move |s| s.admit(&rows)).await {
+                Ok(admitted) => admitted,
+                Err(StoreError::WrongState { key, found, .. }) => {
+                    // Nothing of it was admitted; its cursor is the truth.
+                    self.readers.remove(&seq);
+                    tracing::debug!(%key, found, "admission refused; reading again");
+                    continue;
                 }
-                (_, None) => {
-                    tracing::warn!(batch = %batch, row = %record.id, wait = ?wait, "cannot read the audio's length; the row waits in the queue");
+                Err(e) => {
+                    self.readers.clear();
+                    return Err(e.into());
                 }
-                _ => {}
+            };
+            n += admitted.len();
+            for (key, record) in &admitted {
+                let batch = engine.batch_name(key.batch);
+                match (&record.state, record.audio_seconds) {
+                    (RowState::Failed, _) => {
+                        let code = record.fail_code.as_deref().unwrap_or_default();
+                        let msg = record.fail_msg.as_deref().unwrap_or_default();
+                        tracing::warn!(batch = %batch, row = %record.id, code, msg, "row failed");
+                    }
+                    (_, None) => {
+                        tracing::warn!(batch = %batch, row = %record.id, wait = ?wait, "cannot read the audio's length; the row waits in the queue");
+                    }
+                    _ => {}
+                }
+                engine.after(*key, record);
             }
-            e2.after(*key, record);
         }
         Ok(n)
     }
@@ -194,9 +195,10 @@ fn read_groups(
     };
     let open: Vec<&BatchRecord> = active.iter().filter(open).collect();
     readers.retain(|seq, _| open.iter().any(|b| b.seq == *seq));
-    let window = window(engine.settings.max_concurrent, open.len());
+    let weights: usize = open.iter().map(|b| b.priority.weight()).sum();
     let mut out = Vec::new();
     for b in open {
+        let window = window(engine.settings.max_concurrent, b.priority.weight(), weights);
         let room = window.saturating_sub(b.counts.queued).min(GROUP as u64);
         if room == 0 {
             continue;
@@ -247,11 +249,16 @@ mod tests {
 
     #[test]
     fn the_window_is_a_share_of_the_slots_within_bounds() {
-        assert_eq!(window(100, 1), 400);
-        assert_eq!(window(1000, 4), 1000);
-        assert_eq!(window(1000, 100), MIN_WINDOW);
-        assert_eq!(window(1000, 1), 4000);
-        assert_eq!(window(2000, 1), MAX_WINDOW);
-        assert_eq!(window(100, 0), 400);
+        // Alone, four rows a slot.
+        assert_eq!(window(100, 2, 2), 400);
+        assert_eq!(window(1000, 2, 2), 4000);
+        // Shared by weight: high (4) beside normal (2) beside low (1).
+        assert_eq!(window(700, 4, 7), 1600);
+        assert_eq!(window(700, 2, 7), 800);
+        assert_eq!(window(700, 1, 7), 400);
+        // Within bounds.
+        assert_eq!(window(1000, 1, 200), MIN_WINDOW);
+        assert_eq!(window(2000, 2, 2), MAX_WINDOW);
+        assert_eq!(window(100, 2, 0), 800);
     }
 }

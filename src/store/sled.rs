@@ -217,10 +217,15 @@ impl Store {
             db,
         };
         let expected = migrate_from.unwrap_or(SCHEMA_VERSION);
+        let mut format_behind = false;
         match store.meta.get(KEY_SCHEMA).map_err(db_err)? {
             Some(v) => {
                 let found: u32 = decode("schema version", &v)?;
-                if found != expected {
+                if migrate_from.is_some() && found == SCHEMA_VERSION {
+                    // Migrated, and stopped before FORMAT was rewritten.
+                    migrate_from = None;
+                    format_behind = true;
+                } else if found != expected {
                     return Err(StoreError::Version {
                         path: dir.to_owned(),
                         found: found.to_string(),
@@ -237,6 +242,9 @@ impl Store {
         }
         if let Some(from) = migrate_from {
             store.migrate(from)?;
+            format_behind = true;
+        }
+        if format_behind {
             crate::fsutil::write_atomic(&format_path, format_line(SCHEMA_VERSION).as_bytes())
                 .map_err(open_err)?;
         }
@@ -267,10 +275,13 @@ impl Store {
                 && record.state == RowState::Queued
                 && record.audio_seconds.is_some()
             {
-                self.index.remove(&k).map_err(db_err)?;
+                // The new entry first: a crash between the two leaves the
+                // row found twice (harmless, the row is read once), never
+                // not at all; the next open migrates again.
                 self.index
                     .insert(index_key::of(key, &record).as_ref(), &[])
                     .map_err(db_err)?;
+                self.index.remove(&k).map_err(db_err)?;
                 reindexed += 1;
             }
         }
@@ -588,8 +599,15 @@ impl Store {
     /// each gets its record (`queued` with its audio's length, `queued` to
     /// be probed again, or `failed` when its audio is bad) and moves its
     /// batch's cursor. Refused like a fresh claim. Nothing is sent, so
-    /// nothing needs a flush: rows lost in a crash are read again.
+    /// nothing needs a flush (rows lost in a crash are read again), except
+    /// for a row that ends here: it must be on disk before the retirer can
+    /// put it in the archive, or a crash would leave it archived behind its
+    /// batch's cursor.
     pub fn admit(&self, rows: &[Admission]) -> Result<Vec<(RowKey, RowRecord)>, StoreError> {
+        let ends = rows
+            .iter()
+            .any(|a| matches!(a.audio, AdmittedAudio::Bad { .. }));
+        let _no_retirement = ends.then(|| self.retiring.lock().unwrap_or_else(|p| p.into_inner()));
         let result =
             (&self.batches, &self.rows, &self.index).transaction(|(batches, rows_tree, index)| {
                 let mut out = Vec::with_capacity(rows.len());
@@ -618,7 +636,11 @@ impl Store {
                 }
                 Ok(out)
             });
-        result.map_err(tx_err)
+        let admitted = result.map_err(tx_err)?;
+        if ends {
+            self.flush_blocking()?;
+        }
+        Ok(admitted)
     }
 
     /// Applies one operation of the state machine to a live row, with its
@@ -1207,3 +1229,7 @@ fn unique_name(stem: &str, free: &dyn Fn(&str) -> bool) -> String {
 fn has_foreign_entries(dir: &Path) -> std::io::Result<bool> {
     Ok(std::fs::read_dir(dir)?.next().is_some())
 }
+
+#[cfg(test)]
+#[path = "sled_migrate_tests.rs"]
+mod migrate_tests;
