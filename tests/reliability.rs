@@ -39,7 +39,12 @@ fn resubmitted_on_purpose(i: usize) -> bool {
 /// run to completion; checks guarantees 1 and 2 and the integrity of every
 /// file. Returns the number of rows resubmitted because their submit was in
 /// flight at a kill.
-async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64) -> usize {
+///
+/// With `probe`, the daemon runs `--probe` and the rows' audio is WAV the
+/// simulator serves: rows are admitted (probed, queued with their length, no
+/// slot) ahead of submission and sent longest first, and the kills land in
+/// admissions too.
+async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64, probe: bool) -> usize {
     let started = Instant::now();
     let sim = Sim::start(SimArgs {
         time_factor: 0.002,
@@ -49,10 +54,18 @@ async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64) -> 
     })
     .await;
     let dirs = Dirs::new();
-    let rows = rows("k", n, campaign_marker);
+    let mut rows = rows("k", n, campaign_marker);
+    if probe {
+        for (i, row) in rows.iter_mut().enumerate() {
+            row.2 = format!("{}/media/k{i}.wav?{}", sim.url(), campaign_marker(i));
+        }
+    }
     write_manifest(&dirs.inbox, "campaign.csv", &rows);
     let listen = free_addr();
-    let extra = with_poll(&["--max-concurrent", "80"]);
+    let mut extra = with_poll(&["--max-concurrent", "80"]);
+    if probe {
+        extra.push("--probe");
+    }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut moments = Vec::with_capacity(kills);
     let mut run = 0;
@@ -201,14 +214,19 @@ async fn crash_campaign(n: usize, kills: usize, seed: u64, max_wait_ms: u64) -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn crash_campaign_short() {
-    crash_campaign(300, 12, 0x5eed_0001, 1200).await;
+    crash_campaign(300, 12, 0x5eed_0001, 1200, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crash_campaign_with_probe() {
+    crash_campaign(200, 8, 0x5eed_0003, 1200, true).await;
 }
 
 /// `cargo test --test reliability -- --ignored crash_campaign_long --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "long: about 3000 rows and 30 SIGKILLs"]
 async fn crash_campaign_long() {
-    crash_campaign(3000, 30, 0x5eed_0002, 3000).await;
+    crash_campaign(3000, 30, 0x5eed_0002, 3000, false).await;
 }
 
 // ---------------------------------------------------------------------------
