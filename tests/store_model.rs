@@ -43,6 +43,20 @@ fn position(rows_read: u64) -> ReadPosition {
     }
 }
 
+/// The next one to three rows of the manifest, if any are left.
+fn next_fresh(store: &Store, seq: u64, rng: &mut StdRng) -> Option<std::ops::RangeInclusive<u64>> {
+    let read = store
+        .batch(seq)
+        .expect("batch")
+        .cursor
+        .map_or(0, |c| c.rows_read);
+    if read >= ROWS {
+        return None;
+    }
+    let n = rng.random_range(1..=3).min(ROWS - read);
+    Some(read + 1..=read + n)
+}
+
 /// One random step; returns whether it was a retry (which may change final rows).
 fn step(store: &Store, seq: u64, rng: &mut StdRng) -> bool {
     let pick = |rng: &mut StdRng, state: RowState| -> Option<(RowKey, RowRecord)> {
@@ -68,16 +82,10 @@ fn step(store: &Store, seq: u64, rng: &mut StdRng) -> bool {
         12 => {
             // Admission (`--probe`): fresh rows let into the queue with
             // what their audio's probe found.
-            let read = store
-                .batch(seq)
-                .expect("batch")
-                .cursor
-                .map_or(0, |c| c.rows_read);
-            if read >= ROWS {
+            let Some(fresh) = next_fresh(store, seq, rng) else {
                 return false;
-            }
-            let n = rng.random_range(1..=3).min(ROWS - read);
-            let admissions: Vec<Admission> = (read + 1..=read + n)
+            };
+            let admissions: Vec<Admission> = fresh
                 .map(|i| Admission {
                     batch: seq,
                     row: manifest_row(i),
@@ -107,16 +115,10 @@ fn step(store: &Store, seq: u64, rng: &mut StdRng) -> bool {
             None => Ok(()),
         },
         0 | 1 => {
-            let read = store
-                .batch(seq)
-                .expect("batch")
-                .cursor
-                .map_or(0, |c| c.rows_read);
-            if read >= ROWS {
+            let Some(fresh) = next_fresh(store, seq, rng) else {
                 return false;
-            }
-            let n = rng.random_range(1..=3).min(ROWS - read);
-            let claims: Vec<Claim> = (read + 1..=read + n)
+            };
+            let claims: Vec<Claim> = fresh
                 .map(|i| Claim::Fresh {
                     batch: seq,
                     row: manifest_row(i),

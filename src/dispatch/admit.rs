@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::spend::{self, PROBE_ROUNDS};
-use super::{Engine, backoff, sleep_or_stop};
+use super::{Engine, after_failure};
 use crate::manifest::RowReader;
 use crate::store::{
     Admission, AdmittedAudio, BatchPhase, BatchRecord, BatchSeq, RowKey, RowState, StoreError,
@@ -91,14 +91,8 @@ impl Admitter {
                 Ok(_) => self.failures = 0,
                 Err(e) => {
                     self.readers.clear();
-                    self.failures += 1;
                     tracing::error!(error = %e, "cannot admit rows; retrying");
-                    let wait = backoff(
-                        self.failures,
-                        Duration::from_millis(500),
-                        Duration::from_secs(30),
-                    );
-                    if !sleep_or_stop(&engine, wait).await {
+                    if !after_failure(&engine, &mut self.failures).await {
                         break;
                     }
                 }

@@ -442,6 +442,18 @@ pub fn backoff(attempt: u32, base: Duration, cap: Duration) -> Duration {
     low + (top - low).mul_f64(jitter)
 }
 
+/// Counts one more failure in a row of a worker's round and waits the
+/// backoff for it (500 ms doubling to 30 s); false when stopping.
+async fn after_failure(engine: &Engine, failures: &mut u32) -> bool {
+    *failures += 1;
+    let wait = backoff(
+        *failures,
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+    );
+    sleep_or_stop(engine, wait).await
+}
+
 /// Sleeps `d` unless the engine is stopping; false when stopping.
 async fn sleep_or_stop(engine: &Engine, d: Duration) -> bool {
     tokio::select! {

@@ -15,7 +15,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use super::budget::Class;
 use super::poll::PollCmd;
-use super::{Engine, backoff, sleep_or_stop, spend};
+use super::{Engine, after_failure, backoff, sleep_or_stop, spend};
 use crate::api::{ApiError, PauseReason, SubmitBody};
 use crate::ingest::Folders;
 use crate::manifest::RowReader;
@@ -143,14 +143,8 @@ impl Submitter {
                 Err(e) => {
                     drop(slot);
                     self.feed.reset();
-                    self.failures += 1;
                     tracing::error!(error = %e, "cannot read queued rows; retrying");
-                    let wait = backoff(
-                        self.failures,
-                        Duration::from_millis(500),
-                        Duration::from_secs(30),
-                    );
-                    if !sleep_or_stop(&engine, wait).await {
+                    if !after_failure(&engine, &mut self.failures).await {
                         break;
                     }
                     continue;

@@ -394,6 +394,27 @@ pub enum Claim {
     Again(RowKey),
 }
 
+/// Fresh row `index` of batch `batch`, for tests: id `r{index}`, default
+/// spec, ten bytes a row.
+#[cfg(test)]
+pub(crate) fn test_claim(batch: BatchSeq, index: u64) -> Claim {
+    Claim::Fresh {
+        batch,
+        row: crate::manifest::ManifestRow {
+            index,
+            line: index + 1,
+            id: format!("r{index}"),
+            spec: crate::spec::RowSpec::default(),
+            extra: Vec::new(),
+        },
+        next: ReadPosition {
+            byte: index * 10,
+            line: index + 2,
+            rows_read: index,
+        },
+    }
+}
+
 /// The next unclaimed row of a batch let into the queue without a slot,
 /// with what was learned of its audio (`--probe`): see [`Store::admit`].
 #[derive(Debug, Clone)]

@@ -5,26 +5,7 @@
 use std::path::Path;
 
 use super::*;
-use crate::manifest::{ManifestRow, ReadPosition};
-use crate::spec::RowSpec;
-
-fn claim(index: u64) -> Claim {
-    Claim::Fresh {
-        batch: 1,
-        row: ManifestRow {
-            index,
-            line: index + 1,
-            id: format!("r{index}"),
-            spec: RowSpec::default(),
-            extra: Vec::new(),
-        },
-        next: ReadPosition {
-            byte: index * 10,
-            line: index + 2,
-            rows_read: index,
-        },
-    }
-}
+use crate::store::test_claim;
 
 fn write_format(dir: &Path, version: u32) {
     std::fs::write(
@@ -46,7 +27,9 @@ fn a_layout_2_folder_gets_its_queued_rows_longest_first() {
             panic!("duplicate")
         };
         store.activate_batch(b.seq, false).expect("activate");
-        let claimed = store.claim(&[claim(1), claim(2), claim(3)]).expect("claim");
+        let claimed = store
+            .claim(&[test_claim(1, 1), test_claim(1, 2), test_claim(1, 3)])
+            .expect("claim");
         let keys: Vec<RowKey> = claimed.iter().map(|(k, _)| *k).collect();
         for (key, seconds) in [
             (keys[0], Some(10.0)),

@@ -201,28 +201,10 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::manifest::{ManifestRow, ReadPosition};
-    use crate::spec::RowSpec;
-    use crate::store::{Begin, Claim, Op};
+    use crate::store::{Begin, Claim, Op, test_claim};
 
     fn claim(store: &Store, seq: BatchSeq, rows: std::ops::RangeInclusive<u64>) {
-        let claims: Vec<Claim> = rows
-            .map(|index| Claim::Fresh {
-                batch: seq,
-                row: ManifestRow {
-                    index,
-                    line: index + 1,
-                    id: format!("r{index}"),
-                    spec: RowSpec::default(),
-                    extra: Vec::new(),
-                },
-                next: ReadPosition {
-                    byte: index * 10,
-                    line: index + 2,
-                    rows_read: index,
-                },
-            })
-            .collect();
+        let claims: Vec<Claim> = rows.map(|index| test_claim(seq, index)).collect();
         store.claim(&claims).expect("claim");
     }
 
