@@ -320,14 +320,12 @@ impl Feed {
     fn fill(&mut self, store: &Store, folders: &Folders, want: usize) -> Result<usize, FeedError> {
         let active = store.active_batches()?;
         self.downloading = active.iter().map(|b| b.counts.downloading).sum();
-        // A batch with rows still to admit counts too (it just gives none
-        // now): one whose admitted rows ran out for a moment is no newcomer
-        // when more arrive, and must not reset what was read ahead.
+        let admitted = self.admitted;
         let can_give = |b: &BatchRecord| {
             b.phase == BatchPhase::Active
                 && !b.cancelled
                 && !b.paused
-                && (b.counts.queued > 0 || b.unclaimed() > 0)
+                && (b.counts.queued > 0 || (!admitted && b.unclaimed() > 0))
         };
         let eligible: Vec<&BatchRecord> = active.iter().filter(|b| can_give(b)).collect();
         let now_eligible: Vec<BatchSeq> = eligible.iter().map(|b| b.seq).collect();
